@@ -1,0 +1,396 @@
+"""Samplers with one signature (k-diffusion style): ``x = sampler(denoise, noise, sched, generator)``.
+
+``denoise(z, t) -> x̂`` is the data prediction E[x | z_t = z] (a trained model through its
+prediction, a peer's model through ``adapters``, or the exact ``oracle``); ``t`` is a 0-dim tensor.
+Sampling starts at z = σ(t_0) · noise and returns z_N / α(t_N): the data when the grid ends at
+t = 0. The last point of a grid that ends at t = 0 is clean data, σ = 0, even for a schedule whose
+λ_max is finite (EDM appends σ = 0 the same way, Karras et al. 2022, Eq. 5). ``sampler.nfe`` is the
+number of denoiser calls of the last run.
+
+Notation per step t → s (s < t): α, σ, λ at the current and next grid point; x̂, ε̂ from the
+denoiser, ε̂ = (z − α x̂)/σ; σ̃ = σ/α and z̃ = z/α (EDM's variables).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "GRIDS",
+    "SAMPLERS",
+    "SDE",
+    "Churn",
+    "DPMSolverPP2M",
+    "EDMSampler",
+    "Euler",
+    "Heun",
+    "Levels",
+    "Sampler",
+    "build",
+    "time_grid",
+]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+GRIDS = ("uniform_t", "uniform_logsnr", "edm")
+
+
+def time_grid(
+    sched: Schedule,
+    steps: int,
+    kind: str = "uniform_t",
+    *,
+    t_max: float = 1.0,
+    rho: float = 7.0,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    shift: float = 1.0,
+) -> Tensor:
+    """A descending grid of ``steps + 1`` times ending at t = 0.
+
+    * ``uniform_t``: t_i = t_max (1 − i/N).
+    * ``uniform_logsnr``: λ uniform from the noisiest to the cleanest level, then t = 0.
+    * ``edm``: σ̃_i = (σ̃_hi^{1/ρ} + i/(N−2)·(σ̃_lo^{1/ρ} − σ̃_hi^{1/ρ}))^ρ, then t = 0
+      (Karras et al. 2022, Eq. 5; N − 1 noise levels and the final σ = 0).
+
+    For the last two, σ̃_hi = min(sigma_max, σ̃(t_max)) and σ̃_lo = max(sigma_min, σ̃(0)) (EDM's
+    defaults 80 and 0.002). ``shift`` s moves every point to λ − 2 log s (SD3 §5.3.2 time shift).
+    """
+    if steps < 1:
+        raise ValueError(f"sampler steps={steps} must be >= 1")
+    if kind not in GRIDS:
+        raise ValueError(f"sampler grid={kind!r} is unknown; allowed: {list(GRIDS)} or an explicit t_grid")
+    if not 0 < t_max <= 1:
+        raise ValueError(f"sampler t_max={t_max} must be in (0, 1]")
+    f64 = torch.float64
+    if kind == "uniform_t":
+        t = torch.linspace(t_max, 0.0, steps + 1, dtype=f64)
+    else:
+        sig_hi = min(sigma_max, math.exp(-0.5 * float(sched.logsnr(torch.tensor(t_max, dtype=f64)))))
+        sig_lo = max(sigma_min, math.exp(-0.5 * float(sched.logsnr(torch.tensor(0.0, dtype=f64)))))
+        if not sig_lo < sig_hi:
+            raise ValueError(f"sampler grid {kind}: empty σ̃ range [{sig_lo}, {sig_hi}]")
+        u = torch.linspace(0.0, 1.0, steps, dtype=f64)
+        if kind == "uniform_logsnr":
+            logsnr = -2 * (math.log(sig_hi) + u * (math.log(sig_lo) - math.log(sig_hi)))
+        else:
+            logsnr = (
+                -2 * rho * torch.log(sig_hi ** (1 / rho) + u * (sig_lo ** (1 / rho) - sig_hi ** (1 / rho)))
+            )
+        t = torch.cat([sched.t_of_logsnr(logsnr), torch.zeros(1, dtype=f64)])
+    if shift != 1.0:
+        shifted = sched.t_of_logsnr(sched.logsnr(t) - 2 * math.log(shift))
+        t = torch.where(t == 0, t, shifted)
+    return t
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The schedule on a grid: t, α, σ, λ and dα/dt, dσ/dt, each (N + 1,), and the schedule."""
+
+    sched: Schedule
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    logsnr: Tensor
+    d_alpha: Tensor
+    d_sigma: Tensor
+
+    @classmethod
+    def on(cls, sched: Schedule, t: Tensor, dtype: torch.dtype = torch.float64) -> Levels:
+        """Computed in float64, then cast to ``dtype``."""
+        o = sched(t.to(torch.float64))
+        sigma, logsnr = o.sigma.clone(), o.logsnr.clone()
+        if t[-1] == 0:  # the last point is data
+            sigma[-1], logsnr[-1] = 0.0, math.inf
+        fields = (t, o.alpha, sigma, logsnr, o.d_alpha, o.d_sigma)
+        return cls(sched, *(f.to(dtype) for f in fields))
+
+
+class _Counter:
+    """Wraps a denoiser and counts its calls."""
+
+    def __init__(self, denoise: Denoiser) -> None:
+        self.denoise, self.calls = denoise, 0
+
+    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.denoise(z, t)
+
+
+class Sampler:
+    """Base class: ``steps``, a grid by name (``grid`` + its options) or an explicit ``t_grid``;
+    subclasses implement ``run(denoise, z, levels, noise_fn) -> z_N``."""
+
+    name = "sampler"
+
+    def __init__(
+        self,
+        steps: int = 18,
+        grid: str = "uniform_t",
+        t_grid: Tensor | list[float] | None = None,
+        **grid_options: float,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"sampler {self.name}: steps={steps} must be >= 1")
+        if grid not in GRIDS:
+            raise ValueError(f"sampler {self.name}: grid={grid!r} is unknown; allowed: {list(GRIDS)}")
+        if t_grid is not None:
+            t_grid = torch.as_tensor(t_grid, dtype=torch.float64)
+            if t_grid.ndim != 1 or len(t_grid) < 2 or not (t_grid[1:] < t_grid[:-1]).all():
+                raise ValueError(
+                    f"sampler {self.name}: t_grid must be a strictly descending list of >= 2 times"
+                )
+            if t_grid.min() < 0:
+                raise ValueError(f"sampler {self.name}: t_grid has negative times {t_grid.tolist()}")
+            steps = len(t_grid) - 1
+        self.steps, self.grid, self.t_grid, self.grid_options = steps, grid, t_grid, grid_options
+        self.nfe = 0
+
+    def times(self, sched: Schedule) -> Tensor:
+        if self.t_grid is not None:
+            return self.t_grid
+        return time_grid(sched, self.steps, self.grid, **self.grid_options)
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self, denoise: Denoiser, noise: Tensor, sched: Schedule, generator: torch.Generator | None = None
+    ) -> Tensor:
+        lv = Levels.on(sched, self.times(sched).to(torch.float64), noise.dtype)
+        counted = _Counter(denoise)
+
+        def fresh_noise() -> Tensor:
+            return torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+
+        z = self.run(counted, lv.sigma[0] * noise, lv, fresh_noise)
+        self.nfe = counted.calls
+        return z / lv.alpha[-1]
+
+    def __repr__(self) -> str:
+        opts = {k: v for k, v in vars(self).items() if k not in ("nfe", "t_grid") and v is not None}
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in opts.items())})"
+
+
+def _eps(z: Tensor, x_hat: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (z - alpha * x_hat) / sigma
+
+
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021, Eq. 12): z_s = α_s x̂ + √(σ_s² − σ_η²) ε̂ + σ_η ξ with
+    σ_η² = η² σ_s² (1 − e^{λ_t − λ_s}) (math.md §5). η = 0 is deterministic DDIM (= flow-matching
+    Euler on any schedule, invariant to scaling it); η = 1 samples the DDPM posterior."""
+
+    name = "ddim"
+
+    def __init__(self, steps: int = 18, eta: float = 0.0, **kwargs) -> None:
+        super().__init__(steps, **kwargs)
+        if not 0 <= eta <= 1:
+            raise ValueError(f"sampler ddim: eta={eta} must be in [0, 1]")
+        self.eta = float(eta)
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            eps_hat = _eps(z, x_hat, lv.alpha[i], lv.sigma[i])
+            a_s, s_s = lv.alpha[i + 1], lv.sigma[i + 1]
+            var_eta = self.eta**2 * s_s**2 * -torch.expm1(lv.logsnr[i] - lv.logsnr[i + 1])
+            z = a_s * x_hat + torch.sqrt(s_s**2 - var_eta) * eps_hat
+            if self.eta > 0 and s_s > 0:
+                z = z + torch.sqrt(var_eta) * noise()
+        return z
+
+
+class DDPM(Sampler):
+    """Ancestral sampling from the posterior q(z_s | z_t, x = x̂) (Ho et al. 2020; Kingma et al.
+    2021, Eq. 33): with c = 1 − e^{λ_t − λ_s},
+    z_s = (α_t σ_s²)/(α_s σ_t²) z_t + α_s c x̂ + σ_s √c ξ."""
+
+    name = "ddpm"
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            a_t, s_t, a_s, s_s = lv.alpha[i], lv.sigma[i], lv.alpha[i + 1], lv.sigma[i + 1]
+            c = -torch.expm1(lv.logsnr[i] - lv.logsnr[i + 1])
+            z = (a_t * s_s**2) / (a_s * s_t**2) * z + a_s * c * x_hat
+            if s_s > 0:
+                z = z + s_s * torch.sqrt(c) * noise()
+        return z
+
+
+class Euler(Sampler):
+    """Euler on the probability-flow ODE in z (Song et al. 2021, Eq. 13):
+    dz/dt = f_t z + g_t²/(2σ_t) ε̂ = α̇_t x̂ + σ̇_t ε̂, z_s = z_t + (s − t)(α̇_t x̂ + σ̇_t ε̂).
+    Not invariant to scaling the schedule (the blog's contrast to DDIM)."""
+
+    name = "euler"
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            eps_hat = _eps(z, x_hat, lv.alpha[i], lv.sigma[i])
+            z = z + (lv.t[i + 1] - lv.t[i]) * (lv.d_alpha[i] * x_hat + lv.d_sigma[i] * eps_hat)
+        return z
+
+
+class EDMSampler(Sampler):
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): Heun on dz̃/dσ̃ = ε̂ with churn.
+    γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ̃_i ≤ S_tmax; σ̂ = σ̃_i (1 + γ_i),
+    z̃ ← z̃ + √(σ̂² − σ̃_i²) S_noise ξ; Euler step to σ̃_{i+1} (= DDIM), then the trapezoid correction
+    unless σ̃_{i+1} = 0. A step from σ̃ = ∞ (α = 0) stays an Euler step: its correction is infinite."""
+
+    name = "edm"
+
+    def __init__(
+        self,
+        steps: int = 18,
+        S_churn: float = 0.0,
+        S_tmin: float = 0.0,
+        S_tmax: float = math.inf,
+        S_noise: float = 1.0,
+        grid: str = "edm",
+        **kwargs,
+    ) -> None:
+        super().__init__(steps, grid=grid, **kwargs)
+        if S_churn < 0 or S_noise < 0:
+            raise ValueError(f"sampler edm: S_churn={S_churn} and S_noise={S_noise} must be >= 0")
+        self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = float(S_churn), S_tmin, S_tmax, float(S_noise)
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        n = len(lv.t) - 1
+        for i in range(n):
+            t_cur, a_cur, sig_cur = lv.t[i], lv.alpha[i], lv.sigma[i]
+            s_cur, s_next = sig_cur / a_cur, lv.sigma[i + 1] / lv.alpha[i + 1]
+            gamma = min(self.S_churn / n, math.sqrt(2) - 1) if self.S_tmin <= s_cur <= self.S_tmax else 0.0
+            if gamma > 0 and torch.isfinite(s_cur):
+                s_hat = s_cur * (1 + gamma)
+                z_tilde = z / a_cur + torch.sqrt(s_hat**2 - s_cur**2) * self.S_noise * noise()
+                t_cur = lv.sched.t_of_logsnr(-2 * torch.log(s_hat))
+                o = lv.sched(t_cur)
+                a_cur, sig_cur, s_cur = o.alpha, o.sigma, s_hat
+                z = a_cur * z_tilde
+            x_hat = denoise(z, t_cur)
+            d = _eps(z, x_hat, a_cur, sig_cur)
+            z_tilde = x_hat + s_next * d  # the Euler step on z̃ from σ̃ = s_cur: the DDIM step
+            if s_next > 0 and torch.isfinite(s_cur):
+                z_next = lv.alpha[i + 1] * z_tilde
+                d_next = _eps(z_next, denoise(z_next, lv.t[i + 1]), lv.alpha[i + 1], lv.sigma[i + 1])
+                z_tilde = z_tilde + 0.5 * (s_next - s_cur) * (d_next - d)
+            z = lv.alpha[i + 1] * z_tilde
+        return z
+
+
+class Heun(EDMSampler):
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1): ``edm`` with S_churn = 0.
+    NFE = 2N − 1 on a grid ending at σ = 0."""
+
+    name = "heun"
+
+    def __init__(self, steps: int = 18, grid: str = "edm", **kwargs) -> None:
+        super().__init__(steps, S_churn=0.0, grid=grid, **kwargs)
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2; math.md §5), in the half log-SNR
+    h = (λ_s − λ_t)/2: z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D with D = (1 + 1/(2r)) x̂_i − x̂_{i−1}/(2r),
+    r = h_{i−1}/h_i; first order (= DDIM) on the first step and on the final step to σ = 0."""
+
+    name = "dpmpp_2m"
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        x_prev, h_prev = None, math.inf
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            h = 0.5 * (lv.logsnr[i + 1] - lv.logsnr[i])
+            d = x_hat
+            if x_prev is not None and math.isfinite(h_prev) and torch.isfinite(h):
+                r = h_prev / h
+                d = (1 + 0.5 / r) * x_hat - (0.5 / r) * x_prev
+            z = (lv.sigma[i + 1] / lv.sigma[i]) * z - lv.alpha[i + 1] * torch.expm1(-h) * d
+            x_prev, h_prev = x_hat, float(h)
+        return z
+
+
+class SDE(Sampler):
+    """Euler–Maruyama on the reverse SDE (the blog, "SDE and flow"; Song et al. 2021, Eq. 6):
+    dz = [α̇ x̂ + σ̇ ε̂ + (η_t²/2) g_t² ε̂/σ_t] dt + η_t g_t dW̄, g_t² = −σ_t² λ'_t. η = 0 is the
+    probability-flow ODE, η = 1 the reverse diffusion. ``diffusion`` sets the stochastic-interpolant
+    ε_t = η_t g_t directly instead. g_t is infinite at the noise end of the cosine and flow schedules:
+    start below it (``t_max`` < 1). The last step to σ = 0 returns x̂ (no noise added)."""
+
+    name = "sde"
+
+    def __init__(self, steps: int = 100, eta: float = 1.0, diffusion: float | None = None, **kwargs) -> None:
+        super().__init__(steps, **kwargs)
+        if eta < 0 or (diffusion is not None and diffusion < 0):
+            raise ValueError(f"sampler sde: eta={eta} and diffusion={diffusion} must be >= 0")
+        self.eta, self.diffusion = float(eta), diffusion
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            if lv.sigma[i + 1] == 0:
+                z = lv.alpha[i + 1] * x_hat
+                continue
+            a, s = lv.alpha[i], lv.sigma[i]
+            eps_hat = _eps(z, x_hat, a, s)
+            dlogsnr = 2 * (lv.d_alpha[i] / a - lv.d_sigma[i] / s)
+            g2 = -(s**2) * dlogsnr
+            eta2 = self.eta**2 if self.diffusion is None else self.diffusion**2 / g2
+            dt = lv.t[i + 1] - lv.t[i]
+            drift = lv.d_alpha[i] * x_hat + lv.d_sigma[i] * eps_hat + 0.5 * eta2 * g2 * eps_hat / s
+            z = z + dt * drift + torch.sqrt(eta2 * g2 * -dt) * noise()
+        return z
+
+
+class Churn(Sampler):
+    """The blog's churn ("DDPM = DDIM + renoising"): from λ_t aiming at λ_s, a DDIM step to
+    λ_u = λ_t + (λ_s − λ_t)/(1 − c), then forward renoising to λ_s:
+    z_s = (α_s/α_u) z_u + √(σ_s² − (α_s σ_u/α_u)²) ξ. c = 0 is DDIM, c = ½ has DDPM's law."""
+
+    name = "churn"
+
+    def __init__(self, steps: int = 18, churn: float = 0.5, **kwargs) -> None:
+        super().__init__(steps, **kwargs)
+        if not 0 <= churn < 1:
+            raise ValueError(f"sampler churn: churn={churn} must be in [0, 1)")
+        self.churn = float(churn)
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        sched = lv.sched
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            eps_hat = _eps(z, x_hat, lv.alpha[i], lv.sigma[i])
+            a_s, s_s = lv.alpha[i + 1], lv.sigma[i + 1]
+            if s_s == 0 or self.churn == 0:
+                z = a_s * x_hat + s_s * eps_hat
+                continue
+            lam_s = lv.logsnr[i + 1]
+            lam_u = lam_s + self.churn / (1 - self.churn) * (lam_s - lv.logsnr[i])
+            o = sched(sched.t_of_logsnr(lam_u))
+            z_u = o.alpha * x_hat + o.sigma * eps_hat
+            ratio = a_s / o.alpha
+            z = ratio * z_u + torch.sqrt(s_s**2 - (ratio * o.sigma) ** 2) * noise()
+        return z
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    c.name: c for c in (DDIM, DDPM, Euler, Heun, EDMSampler, DPMSolverPP2M, SDE, Churn)
+}
+
+
+def build(name: str, **kwargs) -> Sampler:
+    """A sampler by name: ddim, ddpm, euler, heun, edm, dpmpp_2m, sde, churn."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r} is unknown; allowed: {sorted(SAMPLERS)}")
+    return SAMPLERS[name](**kwargs)
