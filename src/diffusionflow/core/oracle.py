@@ -101,7 +101,7 @@ class GaussianMixture:
     def eps_hat(self, z: Tensor, t: Tensor | float, sched: Schedule) -> Tensor:
         """E[ε | z_t = z] = −σ_t ∇ log p_t(z) (B, D)."""
         r, prec_diff, _, _, sigma = self._posterior(z, t, sched)
-        return sigma[:, 0:1] * (r.unsqueeze(-1) * prec_diff).sum(1)
+        return sigma[:, :, 0] * (r.unsqueeze(-1) * prec_diff).sum(1)
 
     def log_prob(self, z: Tensor, t: Tensor | float, sched: Schedule) -> Tensor:
         """log p_t(z) (B,)."""

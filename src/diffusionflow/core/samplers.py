@@ -58,8 +58,8 @@ def time_grid(
 
     * ``uniform_t``: t_i = t_max (1 − i/N).
     * ``uniform_logsnr``: λ uniform from the noisiest to the cleanest level, then t = 0.
-    * ``edm``: σ̃_i = (σ̃_hi^{1/ρ} + i/(N−2)·(σ̃_lo^{1/ρ} − σ̃_hi^{1/ρ}))^ρ, then t = 0
-      (Karras et al. 2022, Eq. 5; N − 1 noise levels and the final σ = 0).
+    * ``edm``: σ̃_i = (σ̃_hi^{1/ρ} + i/(N−1)·(σ̃_lo^{1/ρ} − σ̃_hi^{1/ρ}))^ρ for i < N, then t_N = 0
+      (Karras et al. 2022, Eq. 5: N noise levels and the final σ = 0; Heun then makes 2N − 1 calls).
 
     For the last two, σ̃_hi = min(sigma_max, σ̃(t_max)) and σ̃_lo = max(sigma_min, σ̃(0)) (EDM's
     defaults 80 and 0.002). ``shift`` s moves every point to λ − 2 log s (SD3 §5.3.2 time shift).

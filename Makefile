@@ -1,0 +1,33 @@
+# The README's two commands: `make train` and `make test`. Each sets up .venv once (pip, ~2 min).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export WANDB_MODE ?= offline
+
+.PHONY: train test test-fast lint figures bench-samplers clean-logs
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+train: $(VENV)/.installed  ## the main job on the embedded default data
+	$(PY) scripts/blog_figures.py --out logs/figures
+
+test: $(VENV)/.installed  ## the whole suite, slow tests included (what CI runs)
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+figures: $(VENV)/.installed
+	$(PY) scripts/blog_figures.py --out logs/figures
+
+bench-samplers: $(VENV)/.installed
+	$(PY) scripts/bench_samplers.py --out logs/bench
+
+clean-logs:
+	rm -rf logs/*/ && touch logs/.gitkeep
