@@ -1,0 +1,170 @@
+"""DiffusionDataModule: global batch, seeded loaders, checks, and the conf/data configs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusionflow.data.toy2d import Toy2D
+from diffusionflow.lightning.datamodule import DiffusionDataModule, per_rank_batch_size
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+ON_DISK = ["cifar10", "imagenet32", "imagenet64"]
+CONFIGS = ["toy2d", "moons", "rings", "checkerboard", "digits", "digits16", *ON_DISK]
+
+
+def _toy_module(batch_size: int = 64, seed: int | None = 0, **kwargs) -> DiffusionDataModule:
+    toy = partial(Toy2D, "moons", n=1000)
+    return DiffusionDataModule(toy, batch_size=batch_size, shape=[2], num_classes=0, seed=seed, **kwargs)
+
+
+@pytest.mark.parametrize(("world_size", "per_rank"), [(1, 512), (4, 128), (8, 64)])
+def test_per_rank_batch_divisible(world_size: int, per_rank: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert per_rank_batch_size(512, world_size) == per_rank
+
+
+def test_per_rank_batch_warns_when_world_size_changes_the_global_batch() -> None:
+    with pytest.warns(UserWarning, match="effective global batch is 510, not 512"):
+        assert per_rank_batch_size(512, 3) == 170
+    with pytest.raises(ValueError, match="below the world size"):
+        per_rank_batch_size(2, 4)
+
+
+def test_setup_uses_the_trainer_world_size(caplog: pytest.LogCaptureFixture) -> None:
+    dm = _toy_module(batch_size=64)
+    dm.trainer = SimpleNamespace(world_size=3)
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="world size 3"):
+        dm.setup("fit")
+    assert dm.per_rank_batch_size == 21
+    assert "global batch 64, world size 3, per-rank batch 21, effective global batch 63" in caplog.text
+    assert next(iter(dm.train_dataloader()))[0].shape == (21, 2)
+
+
+def test_world_size_one_and_loaders() -> None:
+    dm = _toy_module(batch_size=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    x, y = next(iter(loader))
+    assert dm.per_rank_batch_size == 64 and x.shape == (64, 2) and y.dtype == torch.int64
+    assert len(loader) == 1000 // 64  # drop_last
+    assert dm.val_dataloader() == []
+    assert (dm.shape, dm.num_classes) == ((2,), 0)
+
+
+def test_first_batch_is_deterministic_given_the_seed() -> None:
+    def first_batch(seed: int | None) -> torch.Tensor:
+        dm = _toy_module(seed=seed)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))[0]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))
+    torch.manual_seed(5)  # seed=None follows the process seed (seed_everything)
+    assert torch.equal(first_batch(None), first_batch(5))
+
+
+def test_validation_loader_keeps_order_and_remainder() -> None:
+    dm = _toy_module(batch_size=64, val_dataset=partial(Toy2D, "moons", n=100, seed=1))
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert [len(b[0]) for b in batches] == [64, 36]
+    assert torch.equal(torch.cat([b[0] for b in batches]), dm.val_set.x)
+
+
+def test_mismatched_shape_or_classes_are_named() -> None:
+    dm = DiffusionDataModule(partial(Toy2D, n=100), batch_size=8, shape=[1, 8, 8], num_classes=0)
+    with pytest.raises(ValueError, match=r"data.shape=\[1, 8, 8\]"):
+        dm.setup("fit")
+
+
+def test_bad_batch_sizes_and_order_of_calls() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        _toy_module(batch_size=0)
+    with pytest.raises(RuntimeError, match="setup"):
+        _toy_module().train_dataloader()
+    dm = _toy_module(batch_size=2048)
+    with pytest.raises(ValueError, match="1000 items"):
+        dm.setup("fit")
+
+
+def test_prepare_data_builds_only_downloading_datasets() -> None:
+    calls = []
+
+    def fake(download: bool = False) -> None:
+        calls.append(download)
+
+    dm = DiffusionDataModule(partial(fake, download=True), 8, [2], 0, partial(fake, download=False))
+    dm.prepare_data()
+    assert calls == [True]
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
+def test_fits_with_a_lightning_trainer() -> None:
+    """Without a val_dataset the empty validation loader makes Lightning skip validation_step."""
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+            assert batch[0].shape == (64, 2)
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> None:
+            raise AssertionError("no validation data was configured")
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), datamodule=_toy_module())
+    assert trainer.global_step == 3
+
+
+# ---- conf/data ----------------------------------------------------------------------------------
+
+
+def _compose(name: str, data_dir: Path) -> DictConfig:
+    data = OmegaConf.load(CONF / f"{name}.yaml")
+    return OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "data": data})
+
+
+def test_every_config_is_present() -> None:
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_instantiates(name: str, tmp_path: Path) -> None:
+    cfg = _compose(name, tmp_path)
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, DiffusionDataModule)
+    assert dm.shape == tuple(cfg.data.shape) and dm.num_classes == cfg.data.num_classes
+    if name in ON_DISK:
+        with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+            dm.setup("fit")
+        return
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (cfg.data.batch_size, *cfg.data.shape) and y.dtype == torch.int64
+    if dm.val_set is not None:
+        assert next(iter(dm.val_dataloader()))[0].shape[1:] == dm.shape
