@@ -74,18 +74,18 @@ class GaussianMixture:
     # ---- posterior quantities -----------------------------------------------------------------
     def _posterior(self, z: Tensor, t: Tensor | float, sched: Schedule) -> tuple[Tensor, ...]:
         """Responsibilities r (B, K), C⁻¹(z − αμ) (B, K, D), log N terms (B, K), α, σ (B, 1, 1)."""
-        t = torch.as_tensor(t, dtype=z.dtype).reshape(-1)
+        t = torch.as_tensor(t, dtype=z.dtype).reshape(-1)  # one t for all, or one per sample
         o = sched(t)
-        alpha = o.alpha.reshape(-1, 1, 1, 1).expand(z.shape[0], 1, 1, 1)
-        sigma = o.sigma.reshape(-1, 1, 1, 1).expand(z.shape[0], 1, 1, 1)
+        alpha, sigma = o.alpha.reshape(-1, 1, 1, 1), o.sigma.reshape(-1, 1, 1, 1)
         eye = torch.eye(self.dim, dtype=z.dtype)
-        cov = alpha**2 * self.covariances + sigma**2 * eye  # (B, K, D, D)
-        chol = torch.linalg.cholesky(cov)
+        chol = torch.linalg.cholesky(alpha**2 * self.covariances + sigma**2 * eye)  # (1 or B, K, D, D)
         diff = z[:, None, :] - alpha[..., 0] * self.means  # (B, K, D)
-        prec_diff = torch.cholesky_solve(diff.unsqueeze(-1), chol).squeeze(-1)
-        log_joint = torch.log(self.weights) + _log_normal(diff, chol)
+        chol_b = chol.expand(z.shape[0], *chol.shape[1:])
+        prec_diff = torch.cholesky_solve(diff.unsqueeze(-1), chol_b).squeeze(-1)
+        log_joint = torch.log(self.weights) + _log_normal(diff, chol_b)
         r = torch.softmax(log_joint, dim=-1)
-        return r, prec_diff, log_joint, alpha[..., 0], sigma[..., 0]
+        batch = (z.shape[0], 1, 1)
+        return r, prec_diff, log_joint, alpha[..., 0].expand(batch), sigma[..., 0].expand(batch)
 
     def x_hat(self, z: Tensor, t: Tensor | float, sched: Schedule) -> Tensor:
         """E[x | z_t = z] (B, D)."""

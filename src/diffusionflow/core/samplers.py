@@ -41,6 +41,7 @@ __all__ = [
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 GRIDS = ("uniform_t", "uniform_logsnr", "edm")
+GRID_OPTIONS = ("t_max", "rho", "sigma_min", "sigma_max", "shift")
 
 
 def time_grid(
@@ -152,6 +153,11 @@ class Sampler:
             if t_grid.min() < 0:
                 raise ValueError(f"sampler {self.name}: t_grid has negative times {t_grid.tolist()}")
             steps = len(t_grid) - 1
+        unknown = sorted(set(grid_options) - set(GRID_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"sampler {self.name}: unknown options {unknown}; grid options are {list(GRID_OPTIONS)}"
+            )
         self.steps, self.grid, self.t_grid, self.grid_options = steps, grid, t_grid, grid_options
         self.nfe = 0
 

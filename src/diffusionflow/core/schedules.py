@@ -235,10 +235,12 @@ class Cosine(VariancePreserving):
     name = "cosine"
 
     def shape_logsnr(self, tau: Tensor) -> Tensor:
-        return -2.0 * torch.log(torch.tan(0.5 * math.pi * tau))
+        # tan(π/2) is 1.6e16 in floating point: τ = 1 is set to λ = −∞ (α = 0) exactly.
+        lam = -2.0 * torch.log(torch.tan(0.5 * math.pi * tau))
+        return torch.where(tau >= 1, -math.inf, lam)
 
     def shape_dlogsnr(self, tau: Tensor) -> Tensor:
-        return -2.0 * math.pi / torch.sin(math.pi * tau)
+        return torch.where(tau >= 1, -math.inf, -2.0 * math.pi / torch.sin(math.pi * tau))
 
     def shape_tau(self, logsnr: Tensor) -> Tensor:
         return (2.0 / math.pi) * torch.atan(torch.exp(-0.5 * logsnr))

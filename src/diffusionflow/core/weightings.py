@@ -34,8 +34,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Canonical:
-    """The training setup of a weighting's paper: prediction and proposal, by name with options."""
+    """The training setup of a weighting's paper: schedule, prediction and proposal, by name with options."""
 
+    schedule: str
     prediction: str
     proposal: str
     prediction_kwargs: dict = field(default_factory=dict)
@@ -71,7 +72,7 @@ class ELBO(Weighting):
         return torch.ones_like(logsnr)
 
     def canonical(self) -> Canonical:
-        return Canonical("eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
+        return Canonical("cosine", "eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
 
 
 class IDDPM(Weighting):
@@ -84,7 +85,7 @@ class IDDPM(Weighting):
         return 1.0 / (math.pi * torch.cosh(0.5 * logsnr))
 
     def canonical(self) -> Canonical:
-        return Canonical("eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
+        return Canonical("cosine", "eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
 
 
 class EDM(Weighting):
@@ -107,6 +108,7 @@ class EDM(Weighting):
     def canonical(self) -> Canonical:
         return Canonical(
             "edm",
+            "edm",
             "log_normal",
             prediction_kwargs={"sigma_data": self.sigma_data},
             proposal_kwargs={"P_mean": self.P_mean, "P_std": self.P_std},
@@ -128,7 +130,7 @@ class SD3(Weighting):
         return 2 * normal_pdf(logsnr, -2 * self.m, 2 * self.s) * (1 + torch.exp(-0.5 * logsnr)) ** 2
 
     def canonical(self) -> Canonical:
-        return Canonical("flow", "logit_normal", proposal_kwargs={"m": self.m, "s": self.s})
+        return Canonical("flow", "flow", "logit_normal", proposal_kwargs={"m": self.m, "s": self.s})
 
 
 class FlowWeighting(Weighting):
@@ -141,7 +143,7 @@ class FlowWeighting(Weighting):
         return torch.exp(-0.5 * logsnr)
 
     def canonical(self) -> Canonical:
-        return Canonical("flow", "uniform_t", proposal_kwargs={"schedule": "flow"})
+        return Canonical("flow", "flow", "uniform_t", proposal_kwargs={"schedule": "flow"})
 
 
 class CosineV(Weighting):
@@ -154,7 +156,7 @@ class CosineV(Weighting):
         return (2 / math.pi) * torch.exp(-0.5 * logsnr)
 
     def canonical(self) -> Canonical:
-        return Canonical("v", "uniform_t", proposal_kwargs={"schedule": "cosine"})
+        return Canonical("cosine", "v", "uniform_t", proposal_kwargs={"schedule": "cosine"})
 
 
 class Sigmoid(Weighting):
@@ -170,7 +172,7 @@ class Sigmoid(Weighting):
         return torch.sigmoid(self.b - logsnr)
 
     def canonical(self) -> Canonical:
-        return Canonical("eps", "adaptive")
+        return Canonical("cosine", "eps", "adaptive")
 
 
 class MinSNR(Weighting):
@@ -188,7 +190,7 @@ class MinSNR(Weighting):
         return IDDPM()(logsnr) * torch.clamp(self.gamma * torch.exp(-logsnr), max=1.0)
 
     def canonical(self) -> Canonical:
-        return Canonical("eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
+        return Canonical("cosine", "eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
 
 
 WEIGHTINGS: dict[str, type[Weighting]] = {

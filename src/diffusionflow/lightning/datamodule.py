@@ -11,14 +11,14 @@ effective global batch (users ask for this: flow_matching#68, torchcfm#63).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["DiffusionDataModule", "per_rank_batch_size"]
+__all__ = ["DiffusionDataModule", "EpochShuffle", "per_rank_batch_size"]
 
 log = logging.getLogger(__name__)
 DatasetFactory = Callable[[], Dataset]
@@ -36,6 +36,24 @@ def per_rank_batch_size(global_batch: int, world_size: int) -> int:
             f"not {global_batch}"
         )
     return per_rank
+
+
+class EpochShuffle(Sampler[int]):
+    """A random permutation per epoch, a function of (seed, epoch) only: Lightning calls ``set_epoch``,
+    so a run resumed at an epoch boundary sees exactly the batches of the uninterrupted run."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class DiffusionDataModule(LightningDataModule):
@@ -123,15 +141,16 @@ class DiffusionDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if self.per_rank_batch_size is None:
             raise RuntimeError("call setup() before asking DiffusionDataModule for a DataLoader")
+        seed = torch.initial_seed() if self.seed is None else self.seed
         return DataLoader(
             dataset,
             batch_size=self.per_rank_batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(len(dataset), seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            generator=torch.Generator().manual_seed(torch.initial_seed() if self.seed is None else self.seed),
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:

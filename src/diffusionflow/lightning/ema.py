@@ -1,0 +1,67 @@
+"""EMA of the weights, on Lightning's own ``WeightAveraging`` (Lightning ≥ 2.6).
+
+Lightning keeps the averaged weights in the checkpoint's ``state_dict`` and the raw ones in
+``current_model_state``: validation and the end of training use the EMA weights, and resuming
+continues from the raw ones. We add EDM's parameterisation by a half-life in images (Karras et al.
+2022, App. F.2; ``training_loop.py``): per step β = 0.5^(B / h) with B the global batch, and the
+optional ramp-up h ← min(h, ramp · images seen).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+
+__all__ = ["EMA"]
+
+
+class EMA(WeightAveraging):
+    """EMA with either ``half_life_images`` (EDM) or a constant ``decay`` per step."""
+
+    def __init__(
+        self,
+        half_life_images: float | None = None,
+        decay: float | None = None,
+        rampup_ratio: float | None = None,
+        update_every_n_steps: int = 1,
+    ) -> None:
+        if (half_life_images is None) == (decay is None):
+            raise ValueError(
+                f"ema: give exactly one of half_life_images={half_life_images} and decay={decay}"
+            )
+        if half_life_images is not None and half_life_images <= 0:
+            raise ValueError(f"ema.half_life_images={half_life_images} must be > 0")
+        if decay is not None and not 0 <= decay < 1:
+            raise ValueError(f"ema.decay={decay} must be in [0, 1)")
+        if update_every_n_steps < 1:
+            raise ValueError(f"ema.update_every_n_steps={update_every_n_steps} must be >= 1")
+        super().__init__(use_buffers=True, avg_fn=self._average)
+        self.half_life_images, self.decay, self.rampup_ratio = half_life_images, decay, rampup_ratio
+        self.update_every_n_steps = update_every_n_steps
+        self.images_per_update = 1.0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        per_rank = getattr(trainer.datamodule, "per_rank_batch_size", None) if trainer.datamodule else None
+        if per_rank is None and trainer.datamodule is not None:
+            trainer.datamodule.setup(stage)
+            per_rank = trainer.datamodule.per_rank_batch_size
+        global_batch = (per_rank or 1) * trainer.world_size * trainer.accumulate_grad_batches
+        self.images_per_update = float(global_batch * self.update_every_n_steps)
+
+    def beta(self, updates_done: int) -> float:
+        """The decay of the next update, after ``updates_done`` updates."""
+        if self.decay is not None:
+            return self.decay
+        half_life = self.half_life_images
+        if self.rampup_ratio is not None:
+            half_life = min(half_life, self.rampup_ratio * updates_done * self.images_per_update)
+        return 0.5 ** (self.images_per_update / max(half_life, 1e-8))
+
+    def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        return torch.lerp(current, averaged, self.beta(int(num_averaged)))
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx % self.update_every_n_steps == 0

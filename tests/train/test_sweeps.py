@@ -1,0 +1,46 @@
+"""Hydra multiruns through the real command line: one folder, CSV and W&B run per job; a failing
+job does not stop the others and leaves its error in its folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.conftest import FAST
+
+
+def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "diffusionflow.train", "-m", *FAST, *args, f"hydra.sweep.dir={tmp_path}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_weighting_sweep_four_jobs_with_wandb(tmp_path):
+    res = run_cli(["weighting=edm,sd3,flow,cosine_v", "logger=[csv,wandb]"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    run_ids = set()
+    for job in jobs:
+        assert (job / "csv" / "metrics.csv").exists() and (job / "metrics.json").exists()
+        run_id = (job / "wandb_run_id.txt").read_text().strip()
+        offline_runs = list((job / "wandb").glob(f"offline-run-*-{run_id}"))
+        assert len(offline_runs) == 1, list((job / "wandb").iterdir())
+        assert f"W&B run {run_id} in group {tmp_path.name}" in (job / "train.log").read_text()
+        run_ids.add(run_id)
+    assert len(run_ids) == 4  # wandb.finish() after every job: no run is reused
+    assert "weighting: edm" in (tmp_path / "0" / ".hydra" / "overrides.yaml").read_text().replace("=", ": ")
+
+
+@pytest.mark.slow
+def test_failing_job_does_not_stop_the_sweep(tmp_path):
+    res = run_cli(["trainer.max_steps=3,-5,3"], tmp_path)
+    assert res.returncode != 0
+    assert (tmp_path / "0" / "metrics.json").exists() and (tmp_path / "2" / "metrics.json").exists()
+    error = (tmp_path / "1" / "error.log").read_text()
+    assert "trainer.max_steps=-5 must be >= -1" in error

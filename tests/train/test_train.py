@@ -1,0 +1,106 @@
+"""The main job: fast runs of every config, resume equality, checkpoints, DDP, bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusionflow.config import ConfigError
+from diffusionflow.paths import CONFIG_DIR
+from diffusionflow.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+NEEDS_DATA = {"cifar10", "imagenet64"}
+
+
+def test_default_run_writes_everything(train_cfg, tmp_path):
+    metrics = train(train_cfg())
+    for name in ("metrics.json", "samples.png", "samples.npz", "checkpoints/last.ckpt", "csv/metrics.csv"):
+        assert (tmp_path / name).exists(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("final/energy_distance", "final/sliced_w2", "final/log_density", "final/nfe", "train/loss"):
+        assert key in saved and key in metrics
+    assert saved["final/nfe"] == 7  # Heun, 4 steps: 2·4 − 1
+    assert any(k.startswith("train_bins/eps_mse_") for k in saved)
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not any(d in e for d in NEEDS_DATA)])
+def test_experiments_fast_dev_run(train_cfg, experiment):
+    cfg = train_cfg([f"experiment={experiment}", "debug=fdr", "hydra.mode=RUN"])
+    train(cfg)
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if any(d in e for d in NEEDS_DATA)])
+def test_experiments_needing_data_fail_with_the_folder_to_fill(train_cfg, experiment, tmp_path):
+    cfg = train_cfg([f"experiment={experiment}", "debug=fdr", "trainer.devices=1", "trainer.strategy=auto"])
+    cfg.trainer.accelerator = "cpu"
+    cfg.trainer.precision = "32-true"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "data")):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["weighting=edm", "weighting.P_std=-1"], "P_std=-1"),
+        (["schedule=cosine", "schedule.logsnr_min=5", "schedule.logsnr_max=-5"], "logsnr_min=5"),
+        (["sampler.steps=-3"], "steps=-3"),
+        (["model.guidance=3.0"], "model.guidance=3.0 needs class labels"),
+        (["weighting=elbo", "sampler=ddim"], "prediction=eps cannot give"),
+        (["sampler=ddim", "+sampler.stpes=4"], "unknown options \\['stpes'\\]"),
+        (["proposal=mode", "proposal.s=9"], "s=9"),
+    ],
+)
+def test_bad_config_fails_before_training(train_cfg, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        train(train_cfg(overrides))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["current_model_state"] | {f"ema.{k}": v for k, v in ckpt["state_dict"].items()}
+
+
+def test_resume_gives_the_same_weights(train_cfg, tmp_path):
+    """Stop after 2 epochs and resume to 4, against 4 straight epochs (CPU, fixed seed)."""
+    base = ["data.train_dataset.n=256", "trainer.max_steps=-1", "proposal=adaptive"]
+    train(train_cfg([*base, "trainer.max_epochs=4"]))
+    straight = _weights(tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / "checkpoints" / "last.ckpt").rename(tmp_path / "straight.ckpt")
+    train(train_cfg([*base, "trainer.max_epochs=2"]))
+    train(train_cfg([*base, "trainer.max_epochs=4", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]))
+    resumed = _weights(tmp_path / "checkpoints" / "last.ckpt")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert isinstance(ckpt["hyper_parameters"]["config"], dict)
+    assert "adaptive_proposal" in ckpt
+
+
+def test_checkpoint_write_is_atomic(train_cfg, tmp_path, monkeypatch):
+    train(train_cfg())
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    from diffusionflow.lightning import checkpoint_io
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint_io.AtomicCheckpointIO().save_checkpoint({"x": 1}, last)
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_processes(train_cfg, tmp_path):
+    metrics = train(train_cfg(["trainer=ddp_sim", "data.batch_size=64"]))
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert metrics["final/nfe"] == 7
