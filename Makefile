@@ -2,18 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export WANDB_MODE ?= offline
 
 .PHONY: train test test-fast lint figures bench-samplers clean-logs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,slurm]"
 	touch $@
 
-train: $(VENV)/.installed  ## the main job on the embedded default data
-	$(PY) scripts/blog_figures.py --out logs/figures
+train: $(VENV)/.installed  ## the main job on the embedded default data (2-D mixture, MLP, ~1.5 min)
+	$(PY) -m diffusionflow.train
 
+test test-fast: export WANDB_MODE = offline
 test: $(VENV)/.installed  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest
 
