@@ -14,7 +14,7 @@ denoiser, ε̂ = (z − α x̂)/σ; σ̃ = σ/α and z̃ = z/α (EDM's variables
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -170,12 +170,23 @@ class Sampler:
         raise NotImplementedError
 
     def __call__(
-        self, denoise: Denoiser, noise: Tensor, sched: Schedule, generator: torch.Generator | None = None
+        self,
+        denoise: Denoiser,
+        noise: Tensor,
+        sched: Schedule,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
+        """``generator`` may be one generator per sample (EDM's per-seed generation): then sample i's
+        noise, initial and fresh, depends only on its own generator, not on batch size or rank."""
         lv = Levels.on(sched, self.times(sched).to(torch.float64), noise.dtype)
         counted = _Counter(denoise)
 
         def fresh_noise() -> Tensor:
+            if isinstance(generator, Sequence):
+                if len(generator) != noise.shape[0]:
+                    raise ValueError(f"{len(generator)} generators for a batch of {noise.shape[0]}")
+                rows = [torch.randn(noise.shape[1:], generator=g, dtype=noise.dtype) for g in generator]
+                return torch.stack(rows).to(noise.device)
             return torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
 
         z = self.run(counted, lv.sigma[0] * noise, lv, fresh_noise)
