@@ -24,9 +24,9 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusionflow.config import ConfigError, build_components, instantiate_checked
+from diffusionflow.checkpoint import build_module
+from diffusionflow.config import ConfigError, instantiate_checked
 from diffusionflow.lightning.checkpoint_io import AtomicCheckpointIO
-from diffusionflow.lightning.module import DiffusionModule
 from diffusionflow.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -105,31 +105,20 @@ def _run_id(out_dir: Path) -> str:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Builds everything from ``cfg`` (failing fast on bad values), fits, evaluates; returns metrics."""
     validate(cfg)
-    components = build_components(cfg)
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg)
     datamodule = instantiate_checked(cfg.data, "data")
-    backbone = instantiate_checked(cfg.backbone, "backbone")
-    module: DiffusionModule = instantiate_checked(
-        cfg.model,
-        "model",
-        backbone=backbone,
-        schedule=components.schedule,
-        prediction=components.prediction,
-        weighting=components.weighting,
-        proposal=components.proposal,
-        sampler=components.sampler,
-        num_classes=int(cfg.data.num_classes),
-        seed=int(cfg.get("seed") or 0),
-    )
-    module.hparams["config"] = OmegaConf.to_container(cfg, resolve=True)
     _setup_wandb(cfg)
     callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers: list[Logger] = _instantiate_dict(cfg.get("logger"), "logger")
     trainer: Trainer = instantiate_checked(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
-    log.info("components: %s", components)
+    log.info(
+        "components: %s",
+        {k: getattr(module, k) for k in ("schedule", "prediction", "weighting", "proposal", "sampler")},
+    )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -15,8 +15,11 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"{g}={o}" for g in ("schedule", "prediction", "weighting", "proposal", "sampler", "logger", "trainer")
-     for o in options(g)]
+    [
+        f"{g}={o}"
+        for g in ("schedule", "prediction", "weighting", "proposal", "sampler", "logger", "trainer")
+        for o in options(g)
+    ]
     + [f"launcher={o}" for o in options("launcher")]
     + [f"experiment={o}" for o in options("experiment")],
 )

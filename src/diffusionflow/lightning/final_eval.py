@@ -24,7 +24,7 @@ from torch import Tensor
 from diffusionflow.lightning.module import DiffusionModule
 from diffusionflow.metrics.toy import energy_distance, sliced_wasserstein
 
-__all__ = ["FinalEvaluation", "final_evaluation", "toy_metrics"]
+__all__ = ["FinalEvaluation", "final_evaluation", "image_grid", "scatter_plot", "toy_metrics"]
 
 
 def toy_metrics(samples: Tensor, dataset: Any, n: int, seed: int) -> dict[str, float]:
@@ -44,7 +44,9 @@ def toy_metrics(samples: Tensor, dataset: Any, n: int, seed: int) -> dict[str, f
     return out
 
 
-def _scatter(samples: Tensor, dataset: Any, path: Path) -> None:
+def scatter_plot(samples: Tensor, dataset: Any, path: Path) -> None:
+    """2-D samples over the law of ``dataset``: its exact log-density for mixtures, else a histogram of
+    reference samples."""
     fig, ax = plt.subplots(figsize=(5, 5))
     s = samples.double().numpy()
     lim = float(np.quantile(np.abs(s), 0.995)) * 1.1 + 0.5
@@ -67,7 +69,8 @@ def _scatter(samples: Tensor, dataset: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def _grid(samples: Tensor, path: Path) -> None:
+def image_grid(samples: Tensor, path: Path) -> None:
+    """Images in [-1, 1] saved as one square grid."""
     from torchvision.utils import save_image
 
     save_image((samples.float() + 1) / 2, path, nrow=int(np.ceil(np.sqrt(len(samples)))), padding=1)
@@ -96,9 +99,9 @@ def final_evaluation(
     metrics: dict[str, float] = {"nfe": float(module.sampler.nfe)}
     if len(dataset.shape) == 1:
         metrics.update(toy_metrics(samples, dataset, num_samples, seed))
-        _scatter(samples, dataset, out_dir / "samples.png")
+        scatter_plot(samples, dataset, out_dir / "samples.png")
     else:
-        _grid(samples[:100].clamp(-1, 1), out_dir / "samples.png")
+        image_grid(samples[:100].clamp(-1, 1), out_dir / "samples.png")
     metrics = {f"final/{k}": v for k, v in metrics.items()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -82,14 +82,13 @@ class DiffusionModule(LightningModule):
         self.bin_edges = torch.linspace(*loss_bin_range, loss_bins + 1, dtype=torch.float64)
         self._bin_sums = torch.zeros(2, loss_bins, dtype=torch.float64)
         self._bin_counts = torch.zeros(loss_bins, dtype=torch.float64)
-        self._net: Callable[..., Tensor] = self.backbone
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         if self.compile:
-            self._net = torch.compile(self.backbone)
+            self.backbone.compile()  # in place: the state dict keeps its keys
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=self.backbone.parameters())
@@ -121,7 +120,7 @@ class DiffusionModule(LightningModule):
         labels = self._labels_for_training(y, cpu)
         logsnr = self.proposal.sample(x.shape[0], cpu, device=x.device).to(x.dtype)
         eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
-        return self.objective(partial(self._net, labels=labels), x, logsnr=logsnr, eps=eps)
+        return self.objective(partial(self.backbone, labels=labels), x, logsnr=logsnr, eps=eps)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -145,7 +144,7 @@ class DiffusionModule(LightningModule):
         labels = y if self.num_classes else None
         logsnr = self.proposal.sample(x.shape[0], cpu, device=x.device).to(x.dtype)
         eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
-        res = self.objective(partial(self._net, labels=labels), x, logsnr=logsnr, eps=eps)
+        res = self.objective(partial(self.backbone, labels=labels), x, logsnr=logsnr, eps=eps)
         self.log("val/loss", res.loss.mean(), sync_dist=True, batch_size=x.shape[0])
 
     def _accumulate_bins(self, logsnr: Tensor, eps_mse: Tensor, loss: Tensor) -> None:
@@ -189,14 +188,15 @@ class DiffusionModule(LightningModule):
             o = self.schedule(t.to(torch.float64))
             alpha, sigma = (v.to(z.dtype).to(z.device) for v in (o.alpha, o.sigma))
             c_noise = self.prediction.c_noise(o.logsnr).to(z.dtype).to(z.device).expand(z.shape[0])
-            out = self._net(self.prediction.c_in(alpha, sigma) * z, c_noise, labels=y)
+            out = self.backbone(self.prediction.c_in(alpha, sigma) * z, c_noise, labels=y)
             return self.prediction.to_x_eps(out, z, alpha, sigma)[0]
 
         def denoise(z: Tensor, t: Tensor) -> Tensor:
             cond = x_hat(z, t, labels)
             if labels is None or w == 1.0:
                 return cond
-            return x_hat(z, t, null) + w * (cond - x_hat(z, t, null))
+            uncond = x_hat(z, t, null)
+            return uncond + w * (cond - uncond)
 
         return denoise
 

@@ -1,0 +1,256 @@
+"""Sample a trained model or the exact mixture oracle: ``python -m diffusionflow.sample [overrides]``.
+
+    python -m diffusionflow.sample ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt sampler=dpmpp_2m
+    python -m diffusionflow.sample oracle=blog schedule=cosine sampler=ddpm sampler.steps=100
+
+The sampler is chosen here, independently of training: any ``conf/sampler`` option and its keys. A
+checkpoint samples with its EMA weights (``weights=ema``, the default) or its raw ones (``weights=raw``)
+and with the schedule and prediction it was trained with; ``oracle=<mixture>`` is the exact denoiser of
+a toy Gaussian mixture under ``schedule`` (default flow), in float64 on the CPU, with no network.
+
+Writes to ``out_dir`` (default ``logs/sample/runs/<date>_<time>/``): ``samples.npz`` (``samples``,
+``labels`` of a class-conditional model, and ``nfe``, ``sampler``, ``steps``, ``seed``, ``weights``,
+``source``), ``samples.png`` (a scatter over the true law for 2-D data, an image grid otherwise) and,
+for 2-D toy laws, ``metrics.json`` with the toy metrics of training's final evaluation.
+
+Noise: sample i starts from noise drawn with its own seed (``seed``, i), so it depends neither on
+``batch_size`` nor on ``num_samples`` (a larger run extends a smaller one). The sampler runs once over
+all samples and only the denoiser runs in batches of ``batch_size``; stochastic samplers draw their
+fresh noise for all samples at once from a generator seeded by ``seed``, so their samples do not depend
+on ``batch_size`` either (they do on ``num_samples``). The samples' states (a few copies of
+``num_samples`` × shape) stay on the device; the network's activations are per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torch import Tensor
+
+from diffusionflow.checkpoint import check_weights, load_module
+from diffusionflow.config import ConfigError, instantiate_checked
+from diffusionflow.core.samplers import Denoiser, Sampler
+from diffusionflow.core.schedules import Schedule
+from diffusionflow.data.toy2d import MIXTURES, Toy2D
+from diffusionflow.lightning.final_eval import image_grid, scatter_plot, toy_metrics
+from diffusionflow.lightning.module import step_seed
+from diffusionflow.paths import CONFIG_DIR
+
+__all__ = ["initial_noise", "main", "sample", "validate"]
+
+INITIAL_STREAM, FRESH_STREAM = 0, 1
+"""``step_seed`` streams of the initial noise (one seed per sample) and of stochastic samplers' noise."""
+IMAGES_IN_GRID = 100
+
+
+@dataclass(frozen=True)
+class Source:
+    """What is sampled: ``denoiser(rows)`` is the denoiser of those rows of the samples."""
+
+    description: str
+    weights: str
+    schedule: Schedule
+    sampler: Sampler
+    denoiser: Callable[[slice], Denoiser]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    labels: Tensor | None = None
+    guidance: float | None = None
+    law: Any = None
+    """A dataset with ``reference_samples`` (and ``mixture`` when exact) for 2-D data, else None."""
+
+
+def _overrides(group: str) -> list[str]:
+    """The command-line overrides of ``group`` or of its keys."""
+    if not HydraConfig.initialized():
+        return []
+    return [
+        o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~").split(".")[0] == group
+    ]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of the sampling keys; the sampler, checkpoint, labels and guidance are checked when built."""
+    if (cfg.ckpt_path is None) == (cfg.oracle is None):
+        raise ConfigError(
+            "give exactly one of ckpt_path (a checkpoint of diffusionflow.train) and oracle (one of "
+            f"{list(MIXTURES)}); got ckpt_path={cfg.ckpt_path} and oracle={cfg.oracle}"
+        )
+    for key, low in (("num_samples", 1), ("batch_size", 1), ("seed", 0)):
+        if cfg[key] < low:
+            raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
+    check_weights(cfg.weights)
+    if cfg.oracle is not None and cfg.oracle not in MIXTURES:
+        raise ConfigError(f"oracle={cfg.oracle!r} has no exact denoiser; allowed: {list(MIXTURES)}")
+    if cfg.oracle is not None and "_target_" not in cfg.schedule:
+        options = sorted(p.stem for p in (CONFIG_DIR / "schedule").glob("*.yaml") if p.stem != "canonical")
+        name = cfg.schedule.get("name")
+        raise ConfigError(f"schedule={name} means a weighting's schedule; the oracle needs one of {options}")
+    schedule_overrides = _overrides("schedule")
+    if cfg.ckpt_path is not None and schedule_overrides:
+        raise ConfigError(
+            f"{' '.join(schedule_overrides)}: schedule is for oracle= only; ckpt_path={cfg.ckpt_path} "
+            "samples with the schedule it was trained with"
+        )
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r}: {err}") from err
+
+
+def _labels(cfg: DictConfig, num_classes: int, description: str) -> Tensor | None:
+    """The class of every sample (None for an unconditional source), after checking ``labels`` and
+    ``guidance`` against ``num_classes``."""
+    if num_classes == 0:
+        if cfg.labels is not None or cfg.guidance not in (None, 1.0):
+            key = "labels" if cfg.labels is not None else "guidance"
+            raise ConfigError(
+                f"{key}={cfg[key]} needs a class-conditional model, but {description} is unconditional; "
+                f"allowed: {key}=null"
+            )
+        return None
+    spec = cfg.labels
+    classes = list(range(num_classes)) if spec is None else [spec] if isinstance(spec, int) else list(spec)
+    if not classes or not all(isinstance(c, int) and 0 <= c < num_classes for c in classes):
+        raise ConfigError(f"labels={cfg.labels} must be class indices in [0, {num_classes})")
+    return torch.tensor(classes)[torch.arange(cfg.num_samples) % len(classes)]
+
+
+def _checkpoint_source(cfg: DictConfig) -> Source:
+    device = _device(cfg.device)
+    module = load_module(cfg.ckpt_path, cfg.weights, map_location=device, sampler=cfg.sampler)
+    description = f"checkpoint {cfg.ckpt_path}"
+    labels = _labels(cfg, module.num_classes, description)
+    if labels is not None:
+        labels = labels.to(device)
+    data = module.hparams["config"]["data"]
+    shape = tuple(data["shape"])
+    law = instantiate_checked(data["train_dataset"], "data.train_dataset")() if len(shape) == 1 else None
+    return Source(
+        description=description,
+        weights=cfg.weights,
+        schedule=module.schedule,
+        sampler=module.sampler,
+        denoiser=lambda rows: module.denoiser(None if labels is None else labels[rows], cfg.guidance),
+        shape=shape,
+        dtype=next(module.parameters()).dtype,
+        device=device,
+        labels=labels,
+        guidance=module.guidance if cfg.guidance is None else float(cfg.guidance),
+        law=law,
+    )
+
+
+def _oracle_source(cfg: DictConfig) -> Source:
+    description = f"oracle {cfg.oracle}"
+    _labels(cfg, 0, description)  # the oracle is unconditional: rejects labels and guidance
+    law = Toy2D(cfg.oracle, n=1)  # only its law is used: mixture and reference_samples
+    schedule: Schedule = instantiate_checked(cfg.schedule, "schedule")
+
+    def exact(z: Tensor, t: Tensor) -> Tensor:
+        return law.mixture.x_hat(z, t, schedule)
+
+    return Source(
+        description=description,
+        weights="exact",
+        schedule=schedule,
+        sampler=instantiate_checked(cfg.sampler, "sampler"),
+        denoiser=lambda rows: exact,
+        shape=(law.mixture.dim,),
+        dtype=torch.float64,
+        device=torch.device("cpu"),
+        law=law,
+    )
+
+
+def initial_noise(num_samples: int, shape: Sequence[int], seed: int) -> Tensor:
+    """N(0, I) noise (num_samples, *shape) in float64; row i is drawn with its own seed (seed, i)."""
+    return torch.stack(
+        [
+            torch.randn(
+                *shape,
+                generator=torch.Generator().manual_seed(step_seed(seed, 0, i, INITIAL_STREAM)),
+                dtype=torch.float64,
+            )
+            for i in range(num_samples)
+        ]
+    )
+
+
+def _batched(denoiser: Callable[[slice], Denoiser], n: int, batch_size: int) -> Denoiser:
+    """One denoiser of all ``n`` samples that calls ``denoiser(rows)`` on consecutive ``batch_size`` rows."""
+    parts = [(rows, denoiser(rows)) for rows in (slice(i, i + batch_size) for i in range(0, n, batch_size))]
+
+    def denoise(z: Tensor, t: Tensor) -> Tensor:
+        return torch.cat([part(z[rows], t) for rows, part in parts])
+
+    return denoise
+
+
+def _write(out_dir: Path, samples: Tensor, source: Source, cfg: DictConfig) -> dict[str, float]:
+    """samples.npz, samples.png and, for 2-D data, metrics.json (whose metrics are returned)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sampler = source.sampler
+    arrays: dict[str, Any] = {
+        "samples": samples.numpy(),
+        "nfe": sampler.nfe,
+        "sampler": sampler.name,
+        "sampler_options": repr(sampler),
+        "steps": sampler.steps,
+        "seed": cfg.seed,
+        "weights": source.weights,
+        "source": source.description,
+    }
+    if source.labels is not None:
+        arrays |= {"labels": source.labels.cpu().numpy(), "guidance": source.guidance}
+    np.savez(out_dir / "samples.npz", **arrays)
+    if source.law is None:
+        image_grid(samples[:IMAGES_IN_GRID].clamp(-1, 1), out_dir / "samples.png")
+        return {}
+    scatter_plot(samples, source.law, out_dir / "samples.png")
+    metrics = {"nfe": float(sampler.nfe), **toy_metrics(samples, source.law, len(samples), cfg.seed)}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def sample(cfg: DictConfig) -> dict[str, float]:
+    """Checks ``cfg``, samples, writes the outputs to ``cfg.out_dir``; returns the toy metrics (or {})."""
+    validate(cfg)
+    source = _oracle_source(cfg) if cfg.oracle is not None else _checkpoint_source(cfg)
+    n = int(cfg.num_samples)
+    noise = initial_noise(n, source.shape, cfg.seed).to(source.device, source.dtype)
+    fresh = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0, FRESH_STREAM))
+    with torch.no_grad():
+        denoise = _batched(source.denoiser, n, cfg.batch_size)
+        samples = source.sampler(denoise, noise, source.schedule, generator=fresh).cpu()
+    out_dir = Path(cfg.out_dir)
+    metrics = _write(out_dir, samples, source, cfg)
+    print(
+        f"{n} samples from {source.description} ({source.weights}) with {source.sampler.name}, "
+        f"{source.sampler.steps} steps, NFE {source.sampler.nfe} -> {out_dir / 'samples.npz'}"
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
