@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusionflow.checkpoint import build_module, load_module
 from diffusionflow.config import ConfigError
-from diffusionflow.core.samplers import Heun
+from diffusionflow.core.samplers import Heun, seeded_noise
 from diffusionflow.data.toy2d import mixture
 from diffusionflow.lightning import final_eval
 from diffusionflow.lightning.module import DiffusionModule
 from diffusionflow.metrics.toy import energy_distance
 from diffusionflow.paths import CONFIG_DIR
-from diffusionflow.sample import initial_noise, sample
+from diffusionflow.sample import sample
 from diffusionflow.train import train
 from train.conftest import compose_train
 
@@ -92,8 +92,8 @@ def test_raw_weights_are_the_checkpoints_current_model_state(ckpt, tmp_path):
     assert not np.allclose(ema, raw, atol=1e-4)
     by_hand = load_module(ckpt, "ema")
     by_hand.load_state_dict(torch.load(ckpt, weights_only=True)["current_model_state"])
-    noise = initial_noise(N, (2,), seed=0).float()
-    expected = by_hand.generate(noise, sampler=Heun(steps=4)).numpy()
+    noise, _ = seeded_noise(range(N), (2,))
+    expected = by_hand.generate(noise.float(), sampler=Heun(steps=4)).numpy()
     np.testing.assert_allclose(raw, expected, rtol=0, atol=1e-6)
 
 
@@ -106,12 +106,13 @@ def test_samples_depend_on_the_seed_only(ckpt, tmp_path):
     assert not np.allclose(first, run(tmp_path / "d", *args, "seed=1")["samples"], atol=1e-2)
 
 
-def test_initial_noise_is_per_sample(ckpt, tmp_path):
-    """Sample i starts from the noise of (seed, i): a larger run extends a smaller one."""
-    torch.testing.assert_close(initial_noise(10, (2,), 3), initial_noise(30, (2,), 3)[:10], rtol=0, atol=0)
-    assert not torch.equal(initial_noise(10, (2,), 3), initial_noise(10, (2,), 4))
-    small = run(tmp_path / "small", f"ckpt_path={ckpt}", "num_samples=10")["samples"]
-    large = run(tmp_path / "large", f"ckpt_path={ckpt}", "batch_size=5")["samples"]
+def test_noise_is_per_sample(ckpt, tmp_path):
+    """Sample i has seed ``seed + i``: a larger run extends a smaller one, also for stochastic samplers."""
+    first, _ = seeded_noise(range(3, 13), (2,))
+    assert torch.equal(first, seeded_noise(range(3, 33), (2,))[0][:10])
+    args = (f"ckpt_path={ckpt}", "sampler=ddpm", "sampler.steps=8")
+    small = run(tmp_path / "small", *args, "num_samples=10")["samples"]
+    large = run(tmp_path / "large", *args, "batch_size=5")["samples"]
     np.testing.assert_allclose(small, large[:10], atol=1e-6)
 
 

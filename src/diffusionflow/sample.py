@@ -13,18 +13,17 @@ Writes to ``out_dir`` (default ``logs/sample/runs/<date>_<time>/``): ``samples.n
 ``source``), ``samples.png`` (a scatter over the true law for 2-D data, an image grid otherwise) and,
 for 2-D toy laws, ``metrics.json`` with the toy metrics of training's final evaluation.
 
-Noise: sample i starts from noise drawn with its own seed (``seed``, i), so it depends neither on
-``batch_size`` nor on ``num_samples`` (a larger run extends a smaller one). The sampler runs once over
-all samples and only the denoiser runs in batches of ``batch_size``; stochastic samplers draw their
-fresh noise for all samples at once from a generator seeded by ``seed``, so their samples do not depend
-on ``batch_size`` either (they do on ``num_samples``). The samples' states (a few copies of
-``num_samples`` × shape) stay on the device; the network's activations are per batch.
+Noise: sample i has its own seed, ``seed + i`` (EDM's per-seed generation, as the FID callback and
+``evaluate``): its initial noise and a stochastic sampler's fresh noise come from that generator alone,
+so a sample depends neither on ``batch_size`` nor on ``num_samples`` (a larger run extends a smaller
+one). The sampler runs once over all samples and only the denoiser runs in batches of ``batch_size``;
+the samples' states (a few copies of ``num_samples`` × shape) stay on the device.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,17 +37,14 @@ from torch import Tensor
 
 from diffusionflow.checkpoint import check_weights, load_module
 from diffusionflow.config import ConfigError, instantiate_checked
-from diffusionflow.core.samplers import Denoiser, Sampler
+from diffusionflow.core.samplers import Denoiser, Sampler, seeded_noise
 from diffusionflow.core.schedules import Schedule
 from diffusionflow.data.toy2d import MIXTURES, Toy2D
 from diffusionflow.lightning.final_eval import image_grid, scatter_plot, toy_metrics
-from diffusionflow.lightning.module import step_seed
 from diffusionflow.paths import CONFIG_DIR
 
-__all__ = ["initial_noise", "main", "sample", "validate"]
+__all__ = ["main", "sample", "validate"]
 
-INITIAL_STREAM, FRESH_STREAM = 0, 1
-"""``step_seed`` streams of the initial noise (one seed per sample) and of stochastic samplers' noise."""
 IMAGES_IN_GRID = 100
 
 
@@ -178,20 +174,6 @@ def _oracle_source(cfg: DictConfig) -> Source:
     )
 
 
-def initial_noise(num_samples: int, shape: Sequence[int], seed: int) -> Tensor:
-    """N(0, I) noise (num_samples, *shape) in float64; row i is drawn with its own seed (seed, i)."""
-    return torch.stack(
-        [
-            torch.randn(
-                *shape,
-                generator=torch.Generator().manual_seed(step_seed(seed, 0, i, INITIAL_STREAM)),
-                dtype=torch.float64,
-            )
-            for i in range(num_samples)
-        ]
-    )
-
-
 def _batched(denoiser: Callable[[slice], Denoiser], n: int, batch_size: int) -> Denoiser:
     """One denoiser of all ``n`` samples that calls ``denoiser(rows)`` on consecutive ``batch_size`` rows."""
     parts = [(rows, denoiser(rows)) for rows in (slice(i, i + batch_size) for i in range(0, n, batch_size))]
@@ -233,11 +215,13 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     source = _oracle_source(cfg) if cfg.oracle is not None else _checkpoint_source(cfg)
     n = int(cfg.num_samples)
-    noise = initial_noise(n, source.shape, cfg.seed).to(source.device, source.dtype)
-    fresh = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0, FRESH_STREAM))
+    noise, gens = seeded_noise(range(cfg.seed, cfg.seed + n), source.shape)
     with torch.no_grad():
         denoise = _batched(source.denoiser, n, cfg.batch_size)
-        samples = source.sampler(denoise, noise, source.schedule, generator=fresh).cpu()
+        samples = source.sampler(
+            denoise, noise.to(source.device, source.dtype), source.schedule, generator=gens
+        )
+    samples = samples.cpu()
     out_dir = Path(cfg.out_dir)
     metrics = _write(out_dir, samples, source, cfg)
     print(

@@ -36,6 +36,7 @@ __all__ = [
     "Levels",
     "Sampler",
     "build",
+    "seeded_noise",
     "time_grid",
 ]
 
@@ -114,6 +115,16 @@ class Levels:
             sigma[-1], logsnr[-1] = 0.0, math.inf
         fields = (t, o.alpha, sigma, logsnr, o.d_alpha, o.d_sigma)
         return cls(sched, *(f.to(dtype) for f in fields))
+
+
+def seeded_noise(
+    seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, list[torch.Generator]]:
+    """Per-sample seeds (EDM's ``generate.py --seeds``): sample i's initial noise is the first draw of
+    ``torch.Generator().manual_seed(seeds[i])``, and the same generators, passed to a sampler, give its
+    fresh noise. A sample then depends only on its seed, not on batch size, batch order or rank."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in gens]), gens
 
 
 class _Counter:

@@ -65,16 +65,21 @@ class FrechetStats:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖μ₁ − μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2 Tr (Σ₁Σ₂)^{1/2}, with Tr (Σ₁Σ₂)^{1/2} = Σᵢ √λᵢ(Σ₁Σ₂): the
-    eigenvalues of a product of two PSD matrices are real and ≥ 0 (up to rounding, whose imaginary
-    and negative parts are dropped), as torch-fidelity computes it; the test checks it against
-    scipy's ``sqrtm``."""
+    """‖μ₁ − μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2 Tr (Σ₁Σ₂)^{1/2}.
+
+    Tr (Σ₁Σ₂)^{1/2} = Tr (Σ₁^{1/2} Σ₂ Σ₁^{1/2})^{1/2}: the same eigenvalues, of a symmetric PSD matrix,
+    so two symmetric eigendecompositions (``eigh``) replace torch-fidelity's general ``eigvals``
+    (about 2× faster at 2048-d; rounding-level negative eigenvalues are clipped). The tests check it
+    against scipy's ``sqrtm`` and torch-fidelity."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(
             f"statistics differ in shape: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape}"
         )
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    tr_covmean = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)).real.sum()
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
