@@ -164,7 +164,7 @@ def test_missing_weights_raise_a_clear_error(empty_torch_home: Path, monkeypatch
     for needle in (
         WEIGHTS_FILENAME,
         str(folder),
-        "metrics.inception_weights",
+        "callbacks.fid.extractor.weights_path",
         "--inception-weights",
         "python -m diffusionflow.evaluate prefetch",
     ):
