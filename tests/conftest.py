@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusionflow.core.oracle import GaussianMixture
+from helpers import make_mixture
 
 
 @pytest.fixture
@@ -14,16 +15,6 @@ def f64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
-
-
-def make_mixture(dim: int = 2, components: int = 3, seed: int = 0) -> GaussianMixture:
-    """A seeded mixture with full covariances and unequal weights."""
-    g = torch.Generator().manual_seed(seed)
-    means = 2.0 * torch.randn(components, dim, generator=g, dtype=torch.float64)
-    a = torch.randn(components, dim, dim, generator=g, dtype=torch.float64) / dim**0.5
-    covs = 0.3 * a @ a.transpose(-1, -2) + 0.05 * torch.eye(dim, dtype=torch.float64)
-    weights = torch.rand(components, generator=g, dtype=torch.float64) + 0.5
-    return GaussianMixture(means, covs, weights)
 
 
 @pytest.fixture

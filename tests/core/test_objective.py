@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_mixture
 from diffusionflow.core import predictions, proposals, schedules, weightings
 from diffusionflow.core.objective import Objective
+from helpers import make_mixture
 
 VE = schedules.build("edm", logsnr_min=-40.0, logsnr_max=40.0)
 WRONG = make_mixture(dim=2, components=2, seed=7)  # a deliberately imperfect denoiser

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import make_mixture
 from diffusionflow.core import schedules
+from helpers import make_mixture
 
 
 @pytest.mark.parametrize("sched_name", ["cosine", "flow", "edm"])

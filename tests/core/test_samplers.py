@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from conftest import make_mixture
 from diffusionflow.core import samplers, schedules
 from diffusionflow.core.oracle import GaussianMixture
 from diffusionflow.core.samplers import Levels
+from helpers import make_mixture
 
 SCALINGS = {
     "vp": lambda t: 1 / torch.sqrt((1 - t) ** 2 + t**2),

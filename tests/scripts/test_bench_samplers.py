@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,24 +11,15 @@ import pytest
 import torch
 
 from diffusionflow.core import schedules
+from helpers import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 NFES = (5, 10, 20)
 N = 24
 
 
-def load(name: str) -> ModuleType:
-    """A script as a module (scripts/ is not a package; its scripts import each other by name)."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return load("bench_samplers")
+    return load_script("bench_samplers")
 
 
 @pytest.fixture(scope="module")

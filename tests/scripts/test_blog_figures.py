@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -15,24 +13,15 @@ import pytest
 import torch
 
 from diffusionflow.core import predictions, samplers, schedules
+from helpers import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 PNGS = ("weightings.png", "ddim_vs_euler.png", "flow_curvature.png", "ddpm_vs_ddim.png", "weights_h.png")
 STEPS = 100
 
 
-def load(name: str) -> ModuleType:
-    """A script as a module (scripts/ is not a package; its scripts import each other by name)."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
 @pytest.fixture(scope="module")
 def figures() -> ModuleType:
-    return load("blog_figures")
+    return load_script("blog_figures")
 
 
 @pytest.fixture(scope="module")
