@@ -53,21 +53,7 @@ class RecordingFIDCallback(FIDCallback):
             f.write(f"{trainer.global_step} {len(images)}\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The nets are tiny: one thread is faster, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """Shared by this session's test modules: the classifier trains once."""
-    path = tmp_path_factory.getbasetemp() / "diffusionflow-cache"
-    path.mkdir(exist_ok=True)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out: Path, cache_dir: Path, *overrides: str) -> dict[str, float]:
