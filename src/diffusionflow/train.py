@@ -12,22 +12,21 @@ import json
 import logging
 import math
 import traceback
-import uuid
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from diffusionflow.checkpoint import build_module
+from diffusionflow.compare import plot_weightings
 from diffusionflow.config import ConfigError, instantiate_checked
 from diffusionflow.lightning.checkpoint_io import AtomicCheckpointIO
 from diffusionflow.paths import CONFIG_DIR
+from diffusionflow.tracking import finish_wandb, log_final, setup_wandb
 
 log = logging.getLogger(__name__)
 
@@ -65,43 +64,6 @@ def _instantiate_dict(node: DictConfig | None, key: str) -> list[Any]:
     ]
 
 
-def _setup_wandb(cfg: DictConfig) -> None:
-    """W&B: the sweep's folder name as group in a multirun, a run id saved at start, offline without a key."""
-    if "wandb" not in (cfg.get("logger") or {}):
-        return
-    hc = HydraConfig.get()
-    with open_dict(cfg):
-        if cfg.logger.wandb.get("group") is None and hc.mode == RunMode.MULTIRUN:
-            cfg.logger.wandb.group = Path(hc.sweep.dir).name
-        if cfg.logger.wandb.get("id") is None:
-            cfg.logger.wandb.id = _run_id(Path(cfg.paths.output_dir))
-        if not cfg.logger.wandb.offline and not _wandb_key_available():
-            cfg.logger.wandb.offline = True
-            log.warning(
-                "no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` later"
-            )
-    log.info("W&B run %s in group %s", cfg.logger.wandb.id, cfg.logger.wandb.group)
-
-
-def _wandb_key_available() -> bool:
-    import os
-
-    import wandb
-
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        return True  # the mode is explicit; nothing to decide
-    return bool(os.environ.get("WANDB_API_KEY")) or wandb.api.api_key is not None
-
-
-def _run_id(out_dir: Path) -> str:
-    """The W&B run id, written at start so that a resumed job continues the same run."""
-    path = out_dir / "wandb_run_id.txt"
-    if not path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(uuid.uuid4().hex[:8])
-    return path.read_text().strip()
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Builds everything from ``cfg`` (failing fast on bad values), fits, evaluates; returns metrics."""
     validate(cfg)
@@ -109,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seed_everything(cfg.seed, workers=True)
     module = build_module(cfg)
     datamodule = instantiate_checked(cfg.data, "data")
-    _setup_wandb(cfg)
+    setup_wandb(cfg, module)
     callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers: list[Logger] = _instantiate_dict(cfg.get("logger"), "logger")
     trainer: Trainer = instantiate_checked(
@@ -124,20 +86,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        (Path(cfg.paths.output_dir) / "metrics.json").write_text(
-            json.dumps(metrics, indent=2, sort_keys=True)
+        out = Path(cfg.paths.output_dir)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        lo, hi = module.bin_edges[0].item(), module.bin_edges[-1].item()
+        plot_weightings(
+            [(module.weighting.name, module.weighting, module.proposal)], out / "weighting.png", (lo, hi)
         )
+        log_final(loggers, out, metrics)
     return metrics
-
-
-def _finish_wandb() -> None:
-    import sys
-
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -152,7 +108,7 @@ def run(cfg: DictConfig) -> float | None:
         log.exception("the job failed; traceback in %s", out / "error.log")
         raise
     finally:
-        _finish_wandb()
+        finish_wandb()
     value = metrics.get(cfg.get("optimized_metric") or "", math.nan)
     return None if cfg.get("optimized_metric") is None else value
 

@@ -1,0 +1,217 @@
+"""``python -m diffusionflow.compare`` on multirun folders the tests write: the table's means and sample
+standard deviations are those of the values written, failed jobs are counted and not averaged, the
+figures appear when their data exist, an adaptive proposal is read back from the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from diffusionflow.compare import components_of, find_jobs, main, nfe_curves, step_curves, summarize
+from diffusionflow.core.proposals import Adaptive
+from train.conftest import compose_train
+
+WEIGHTINGS = ("edm", "flow")
+SEEDS = (0, 1, 2)
+STEPS = (100, 200)
+BINS = ("-2_+0", "+0_+2")
+
+
+def write_job(
+    path: Path, overrides: list[str], config: dict, metrics: dict | None, series: list[dict] | None = None
+) -> None:
+    """A job folder as Hydra and ``diffusionflow.train`` leave it."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    choices = {k: v for k, _, v in (o.partition("=") for o in overrides) if "." not in k}
+    OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, path / ".hydra" / "hydra.yaml")
+    OmegaConf.save(config, path / ".hydra" / "config.yaml")
+    if metrics is None:
+        (path / "error.log").write_text("Traceback ...\nRuntimeError: boom\n")
+        return
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    if series:
+        (path / "csv").mkdir()
+        keys = sorted({k for rec in series for k in rec})
+        with (path / "csv" / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(series)
+
+
+def run_config(weighting: str, tmp_path: Path) -> dict:
+    cfg = compose_train([f"weighting={weighting}"], tmp_path)
+    with open_dict(cfg):
+        del cfg.hydra
+    return OmegaConf.to_container(cfg)
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory) -> tuple[Path, dict]:
+    """weighting ∈ {edm, flow} × seed ∈ {0, 1, 2} with random metrics, then a failed sigmoid job."""
+    root = tmp_path_factory.mktemp("multirun")
+    rng = np.random.default_rng(0)
+    written: dict = {}
+    n = 0
+    for w in WEIGHTINGS:
+        config = run_config(w, tmp_path_factory.mktemp(w))
+        for seed in SEEDS:
+            metrics = {
+                "final/sliced_w2": rng.uniform(0.05, 0.3),
+                "final/log_density": rng.uniform(-1.5, -0.5),
+                "fd_digits/500_heun35_ema": rng.uniform(1, 20),
+                "final/sliced_w2_floor": 0.05,
+                "final/nfe": 35.0,
+                "train/loss": 0.5,
+            }
+            series = [{"step": s, "fd_digits/500_heun35_ema": rng.uniform(1, 20)} for s in STEPS] + [
+                {"step": STEPS[-1], **{f"train_bins/eps_mse_{b}": rng.uniform(0.1, 1) for b in BINS}}
+            ]
+            write_job(
+                root / str(n),
+                [f"weighting={w}", f"seed={seed}", "trainer.max_steps=200"],
+                config,
+                metrics,
+                series,
+            )
+            written[(w, seed)] = (metrics, series)
+            n += 1
+    write_job(
+        root / str(n),
+        ["weighting=sigmoid", "seed=0", "trainer.max_steps=200"],
+        run_config("sigmoid", tmp_path_factory.mktemp("sigmoid")),
+        None,
+    )
+    return root, written
+
+
+def test_table_means_and_stds_are_those_written(multirun, capsys):
+    root, written = multirun
+    rows = main([str(root)])
+    assert [r.label for r in rows] == ["weighting=edm", "weighting=flow", "weighting=sigmoid"]
+    assert [(r.n, r.failed) for r in rows] == [(3, 0), (3, 0), (0, 1)]
+    printed = capsys.readouterr().out
+    with (root / "comparison" / "comparison.csv").open() as f:
+        table = {rec["configuration"]: rec for rec in csv.DictReader(f)}
+    for w, row in zip(WEIGHTINGS, rows, strict=False):
+        for key in ("final/sliced_w2", "final/log_density", "fd_digits/500_heun35_ema"):
+            values = np.array([written[(w, s)][0][key] for s in SEEDS])
+            mean, std, n = row.mean_std(key)
+            assert n == 3
+            assert mean == pytest.approx(values.mean(), abs=1e-12)
+            assert std == pytest.approx(values.std(ddof=1), abs=1e-12)
+            assert float(table[f"weighting={w}"][f"{key}_mean"]) == pytest.approx(values.mean(), abs=1e-12)
+            assert float(table[f"weighting={w}"][f"{key}_std"]) == pytest.approx(
+                values.std(ddof=1), abs=1e-12
+            )
+            assert f"{values.mean():.4g} ± {values.std(ddof=1):.4g}" in printed
+    assert math.isnan(rows[2].mean_std("final/sliced_w2")[0])
+    assert "| `weighting=sigmoid` | 0 (1 failed) |" in printed
+    # reference levels and NFE are context, not columns; the training loss is not a table metric
+    header = printed.splitlines()[0]
+    assert "final/sliced_w2 ↓" in header and "final/log_density ↑" in header
+    assert "floor" not in header and "nfe" not in header and "train/loss" not in header
+    assert "final/sliced_w2_floor 0.05" in printed and "final/nfe 35" in printed
+
+
+def test_best_configuration_is_bold(multirun):
+    root, written = multirun
+    text = (root / "comparison" / "comparison.md").read_text()
+    for key, pick in (("final/sliced_w2", min), ("final/log_density", max)):
+        means = {w: np.mean([written[(w, s)][0][key] for s in SEEDS]) for w in WEIGHTINGS}
+        best = pick(means, key=means.__getitem__)
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| `weighting={best}`"))
+        std = np.std([written[(best, s)][0][key] for s in SEEDS], ddof=1)
+        assert f"**{means[best]:.4g} ± {std:.4g}**" in line
+
+
+def test_runs_csv_and_figures(multirun):
+    root, _ = multirun
+    out = root / "comparison"
+    with (out / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 7 and runs[-1]["failed"] == "True" and runs[0]["seed"] == "0"
+    for name in ("metric_vs_step.png", "loss_vs_logsnr.png", "weighting.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    assert not (out / "metric_vs_nfe.png").exists()  # one NFE per sampler: nothing to plot against
+
+
+def test_step_curves_average_over_seeds(multirun):
+    root, written = multirun
+    rows = summarize(find_jobs(root), ["final/sliced_w2"])
+    curves = step_curves(rows, "fd_digits/500_heun35_ema")
+    for w in WEIGHTINGS:
+        steps, mean, std = curves[f"weighting={w}"]
+        assert steps == list(STEPS)
+        for i, step in enumerate(STEPS):
+            values = [written[(w, s)][1][i]["fd_digits/500_heun35_ema"] for s in SEEDS]
+            assert step == written[(w, 0)][1][i]["step"]
+            assert mean[i] == pytest.approx(np.mean(values), abs=1e-12)
+            assert std[i] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+
+
+def test_metric_vs_nfe_from_a_sampler_sweep(tmp_path):
+    """A sampler × steps sweep of ``diffusionflow.sample``: one line per sampler, NFE on x."""
+    config = {"sampler": {"_target_": "diffusionflow.core.samplers.DDIM"}, "num_samples": 8}
+    values: dict = {}
+    n = 0
+    for sampler in ("ddim", "heun"):
+        for steps in (2, 4):
+            for seed in (0, 1):
+                nfe = steps if sampler == "ddim" else 2 * steps - 1
+                value = float(np.random.default_rng(n).uniform())
+                metrics = {"nfe": nfe, "sliced_w2": value, "sliced_w2_floor": 0.01}
+                write_job(
+                    tmp_path / str(n),
+                    [f"sampler={sampler}", f"sampler.steps={steps}", f"seed={seed}"],
+                    config,
+                    metrics,
+                )
+                values.setdefault((sampler, nfe), []).append(value)
+                n += 1
+    rows = main([str(tmp_path)])
+    curves = nfe_curves(rows, ["sliced_w2*", "nfe"])["sliced_w2"]
+    assert set(curves) == {"ddim", "heun"}
+    assert {(s, nfe): v for s, pts in curves.items() for nfe, v in pts.items()} == values
+    assert (tmp_path / "comparison" / "metric_vs_nfe.png").stat().st_size > 10_000
+    assert not (tmp_path / "comparison" / "weighting.png").exists()  # sampling jobs train nothing
+
+
+def test_adaptive_proposal_is_read_from_the_checkpoint(tmp_path):
+    config = run_config("sigmoid", tmp_path / "cfg")
+    write_job(tmp_path / "0", ["weighting=sigmoid"], config, {"final/sliced_w2": 0.1})
+    job = find_jobs(tmp_path)[0]
+    _, proposal = components_of(job)
+    assert isinstance(proposal, Adaptive)
+    bins = proposal.bins
+    loss_ema = torch.linspace(1.0, 10.0, bins, dtype=torch.float64)
+    (tmp_path / "0" / "checkpoints").mkdir()
+    torch.save({"adaptive_proposal": {"loss_ema": loss_ema}}, tmp_path / "0" / "checkpoints" / "last.ckpt")
+    _, trained = components_of(job)
+    # p ∝ w · EMA(ε-MSE) per bin (Kingma & Gao §5): the ratio of the two densities is ∝ the EMA
+    ratio = (trained.log_prob(trained.centres) - proposal.log_prob(proposal.centres)).exp()
+    expected = loss_ema / (loss_ema * proposal.masses).sum()  # the initial masses sum to 1
+    assert torch.allclose(ratio, expected, rtol=1e-9)
+
+
+def test_bad_input_is_reported_before_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "no job folders" in capsys.readouterr().err
+    write_job(tmp_path / "0", ["seed=0"], {"seed": 0}, {"train/loss": 1.0})
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "none of the 1 jobs has a metric matching" in err and "--metrics" in err
+    assert main([str(tmp_path), "--metrics", "train/*"])[0].mean_std("train/loss")[0] == 1.0
