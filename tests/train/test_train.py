@@ -14,6 +14,7 @@ from diffusionflow.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 NEEDS_DATA = {"cifar10", "imagenet64"}
+NEEDS_PARENT = {"reflow"}  # trains on a parent checkpoint's pairs: tests/lightning/test_reflow.py
 
 
 def test_default_run_writes_everything(train_cfg, tmp_path):
@@ -27,10 +28,19 @@ def test_default_run_writes_everything(train_cfg, tmp_path):
     assert any(k.startswith("train_bins/eps_mse_") for k in saved)
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not any(d in e for d in NEEDS_DATA)])
+@pytest.mark.parametrize(
+    "experiment", [e for e in EXPERIMENTS if not any(d in e for d in NEEDS_DATA | NEEDS_PARENT)]
+)
 def test_experiments_fast_dev_run(train_cfg, experiment):
     cfg = train_cfg([f"experiment={experiment}", "debug=fdr", "hydra.mode=RUN"])
     train(cfg)
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if any(d in e for d in NEEDS_PARENT)])
+def test_experiments_needing_a_parent_say_how_to_get_one(train_cfg, experiment, tmp_path):
+    with pytest.raises(ConfigError, match=r"parent_ckpt=null.*python -m diffusionflow.train experiment="):
+        train(train_cfg([f"experiment={experiment}", "debug=fdr", "hydra.mode=RUN"]))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if any(d in e for d in NEEDS_DATA)])

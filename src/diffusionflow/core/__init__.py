@@ -3,7 +3,18 @@
 One convention: t ∈ [0, 1], t = 0 data, t = 1 noise, z_t = α_t x + σ_t ε, λ = log(α²/σ²).
 """
 
-from . import adapters, objective, oracle, predictions, proposals, samplers, schedules, sde, weightings
+from . import (
+    adapters,
+    objective,
+    oracle,
+    predictions,
+    proposals,
+    samplers,
+    schedules,
+    sde,
+    straightness,
+    weightings,
+)
 
 __all__ = [
     "adapters",
@@ -14,5 +25,6 @@ __all__ = [
     "samplers",
     "schedules",
     "sde",
+    "straightness",
     "weightings",
 ]

@@ -5,6 +5,16 @@ y an int64 class index (0 for unlabeled data), and exposes ``shape`` and ``num_c
 from .cifar10 import CIFAR10
 from .digits import Digits
 from .imagenet import ImageNetFolder, ImageNetNpz, imagenet_dataset
+from .reflow import ReflowPairs
 from .toy2d import Toy2D, mixture
 
-__all__ = ["CIFAR10", "Digits", "ImageNetFolder", "ImageNetNpz", "Toy2D", "imagenet_dataset", "mixture"]
+__all__ = [
+    "CIFAR10",
+    "Digits",
+    "ImageNetFolder",
+    "ImageNetNpz",
+    "ReflowPairs",
+    "Toy2D",
+    "imagenet_dataset",
+    "mixture",
+]

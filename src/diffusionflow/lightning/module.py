@@ -9,7 +9,7 @@ comparison is about.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -113,18 +113,21 @@ class DiffusionModule(LightningModule):
         drop = torch.rand(y.shape, generator=g, device=g.device) < self.label_dropout
         return torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
 
-    def _loss(self, x: Tensor, y: Tensor, stream: int) -> Any:
+    def _loss(self, x: Tensor, y: Tensor, stream: int, eps: Tensor | None = None) -> Any:
+        """The objective at λ ~ p and ε drawn for this step, or the batch's paired ``eps`` (reflow)."""
         cpu, dev = self._generators(stream)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = self._labels_for_training(y, cpu)
         logsnr = self.proposal.sample(x.shape[0], cpu, device=x.device).to(x.dtype)
-        eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
+        if eps is None:
+            eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
         return self.objective(partial(self.backbone, labels=labels), x, logsnr=logsnr, eps=eps)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        res = self._loss(x, y, stream=0)
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """``batch`` is (x, y), or (x, y, ε) with the noise paired with x (reflow pairs)."""
+        x, y, *paired = batch
+        res = self._loss(x, y, stream=0, eps=paired[0] if paired else None)
         loss = res.loss.mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         self._accumulate_bins(res.logsnr, res.eps_mse, res.loss)
@@ -134,16 +137,17 @@ class DiffusionModule(LightningModule):
             self.proposal.update(*stats.double().cpu())
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """The objective at noise fixed by (seed, batch index): comparable across epochs."""
-        x, y = batch
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        """The objective at noise fixed by (seed, batch index), or the batch's paired noise: comparable
+        across epochs."""
+        x, y, *paired = batch
         cpu = torch.Generator().manual_seed(step_seed(self.seed, self.global_rank, batch_idx, 7))
         dev = torch.Generator(device=self.device).manual_seed(
             step_seed(self.seed, self.global_rank, batch_idx, 8)
         )
         labels = y if self.num_classes else None
         logsnr = self.proposal.sample(x.shape[0], cpu, device=x.device).to(x.dtype)
-        eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
+        eps = paired[0] if paired else torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
         res = self.objective(partial(self.backbone, labels=labels), x, logsnr=logsnr, eps=eps)
         self.log("val/loss", res.loss.mean(), sync_dist=True, batch_size=x.shape[0])
 
