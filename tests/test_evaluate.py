@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,78 @@ def test_grid_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "grid.csv").exists()
+
+
+def _nll(ckpt: Path, out: Path, *args: str) -> dict:
+    main(["nll", "--ckpt", str(ckpt), "--out", str(out), *args])
+    return json.loads((out / "nll.json").read_text())
+
+
+def test_nll_toy(toy_run, tmp_path, capsys):
+    """Both methods on 16 points of the toy run's blog mixture, beside its exact log-density."""
+    result = _nll(
+        toy_run / "checkpoints" / "last.ckpt",
+        tmp_path,
+        *("--num-samples", "16", "--steps", "4", "--points", "8", "--batch-size", "7"),
+    )
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in printed[:3]] == ["ode", "elbo", "exact"]
+    assert set(result["methods"]) == {"ode", "elbo"} and result["dequantization"] is None
+    assert (result["dim"], result["num_samples"], result["dtype"], result["weights"]) == (
+        2,
+        16,
+        "float64",
+        "ema",
+    )
+    assert result["methods"]["ode"]["divergence"] == "exact" and result["methods"]["ode"]["nfe"] == 16
+    summaries = [*result["methods"].values(), *result["exact"].values()]
+    for s in summaries:
+        assert all(math.isfinite(s[k]) for k in ("nll_nats", "nll_nats_sem", "bits_per_dim"))
+        assert s["bits_per_dim"] == pytest.approx(s["nll_nats"] / (2 * math.log(2)))
+    for s in result["methods"].values():  # the paired excess over the mixture's exact NLL
+        assert s["excess_nats"] == pytest.approx(s["nll_nats"] - result["exact"]["data"]["nll_nats"])
+    # the exact values do not depend on the model: they are the mixture's at the 16 points
+    assert result["exact"]["data"]["nll_nats"] == pytest.approx(
+        result["exact"]["t_min"]["nll_nats"], abs=1e-3
+    )
+
+
+def test_nll_images_dequantised_with_hutchinson(digits_run, tmp_path):
+    """The native 8×8 digits lie on 17 levels v/8 − 1: dequantised in bins of 1/8, offset log₂ 8 = 3
+    bits/dim; the class-conditional UNet is conditioned on each image's label."""
+    result = _nll(
+        digits_run / "checkpoints" / "last.ckpt",
+        tmp_path,
+        *("--split", "val", "--num-samples", "3", "--steps", "1", "--points", "4", "--probes", "2"),
+    )
+    assert (result["dequantization"], result["levels"], result["offset_bits"]) == ("uniform", 17, 3.0)
+    assert (result["dim"], result["dtype"], result["conditional"]) == (64, "float32", True)
+    ode = result["methods"]["ode"]
+    assert (ode["divergence"], ode["probes"], ode["nfe"]) == ("hutchinson", 2, 4)
+    for s in result["methods"].values():
+        assert math.isfinite(s["nll_nats"]) and math.isfinite(s["nll_nats_sem"])
+        assert s["bits_per_dim"] == pytest.approx(s["nll_nats"] / (64 * math.log(2)) + 3)
+    assert "exact" not in result
+
+
+def test_nll_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
+    for args, message in [
+        (["--method", "ode,exact"], "--method ode,exact: allowed a comma-separated list of distinct methods"),
+        (["--method", "ode,ode"], "from ['ode', 'elbo']"),
+        (["--num-samples", "1"], "--num-samples 1 must be >= 2"),
+        (["--steps", "0"], "--steps 0 must be >= 1"),
+        (["--probes", "0"], "--probes 0 must be >= 1"),
+        (
+            ["--split", "val"],
+            "--split val: the run's data config (diffusionflow.data.toy2d.Toy2D) has no val_dataset",
+        ),
+        (["--num-samples", "100000"], "--num-samples 100000 exceeds the 65536 points of the train split"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            _nll(toy_run / "checkpoints" / "last.ckpt", tmp_path, *args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "nll.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""Evaluate checkpoints and image sets: ``python -m diffusionflow.evaluate {grid,compare,prefetch}``.
+"""Evaluate checkpoints and image sets: ``python -m diffusionflow.evaluate {grid,nll,compare,prefetch}``.
 
     python -m diffusionflow.evaluate grid --ckpt logs/train/runs/<run>/checkpoints/last.ckpt \\
         --samplers heun:18,ddim:10,ddim:20 --num-samples 50000 --metric fid --out logs/eval/<run>
+    python -m diffusionflow.evaluate nll --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --method ode,elbo
     python -m diffusionflow.evaluate compare samples.npz cifar10-train/ --fid --kid --isc --json out.json
     python -m diffusionflow.evaluate prefetch [--dest DIR]
 
@@ -9,7 +10,9 @@
 reference statistics as training's ``FIDCallback`` (so a grid row and the callback's value at that
 checkpoint agree), written to ``grid.csv`` and plotted against NFE in ``fid_vs_nfe.png``. ``--metric``
 is ``fid`` (Inception), ``fd_digits`` (the digits classifier) or ``toy`` (sliced W2, energy distance
-and exact log-density on 2-D data). ``compare`` is torch-fidelity's command line on two image sets (a
+and exact log-density on 2-D data). ``nll`` estimates the negative log-likelihood of points of the run's
+own data set through the probability-flow ODE and the ELBO (``diffusionflow.likelihood``), in nats and
+bits/dim, written to ``nll.json``. ``compare`` is torch-fidelity's command line on two image sets (a
 PNG folder or a uint8 NHWC ``.npz``), with its JSON key names. ``prefetch`` is the only command that uses
 the network: it downloads the Inception weights, which nothing else ever does.
 """
@@ -47,17 +50,18 @@ from diffusionflow.lightning.fid_callback import (
     reference_moments,
 )
 from diffusionflow.lightning.final_eval import toy_metrics
+from diffusionflow.likelihood import METHODS, data_points, exact_nll, nll_estimates, prepare, summary
 from diffusionflow.metrics.digits_classifier import DigitsClassifier, default_cache_dir
 from diffusionflow.metrics.extractors import WEIGHTS_FILENAME, InceptionV3, default_weights_path
 from diffusionflow.metrics.frechet import FrechetStats, frechet_distance
 
-__all__ = ["build_parser", "compare", "grid", "main", "prefetch"]
+__all__ = ["build_parser", "compare", "grid", "main", "nll", "prefetch"]
 
 log = logging.getLogger(__name__)
 
 METRICS = ("fid", "fd_digits", "toy")
 PREFETCH = "python -m diffusionflow.evaluate prefetch"
-GRID_CSV, GRID_PNG = "grid.csv", "fid_vs_nfe.png"
+GRID_CSV, GRID_PNG, NLL_JSON = "grid.csv", "fid_vs_nfe.png", "nll.json"
 
 
 class CommandError(ValueError):
@@ -211,6 +215,113 @@ def grid(args: argparse.Namespace) -> list[EvalRow]:
     return rows
 
 
+# ---- nll ---------------------------------------------------------------------------------------------
+def _check_nll_args(args: argparse.Namespace) -> list[str]:
+    """The methods of ``--method``; a CommandError naming the flag for bad input."""
+    methods = [m.strip() for m in args.method.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        raise CommandError(
+            f"--method {args.method}: allowed a comma-separated list of distinct methods from {list(METHODS)}"
+        )
+    numbers = {
+        "--num-samples": (args.num_samples, 2),
+        "--steps": (args.steps, 1),
+        "--points": (args.points, 1),
+        "--probes": (args.probes, 1),
+        "--batch-size": (args.batch_size, 1),
+        "--seed": (args.seed, 0),
+    }
+    for flag, (value, least) in numbers.items():
+        if value < least:
+            raise CommandError(f"{flag} {value} must be >= {least}")
+    return methods
+
+
+def _nll_line(name: str, s: dict[str, Any]) -> str:
+    """``name  nll m ± se nats, m ± se bits/dim  settings``."""
+    if name == "ode":
+        probes = f", {s['probes']} probe(s)" if s["probes"] else ""
+        detail = f"RK4 {s['steps']} steps ({s['nfe']} NFE), {s['divergence']} divergence{probes}"
+        detail += f", t from {s['t_min']:g} to {s['t_max']:g}"
+    elif name == "elbo":
+        detail = f"{s['points']} Gauss–Legendre nodes, λ in [{s['logsnr_min']:g}, {s['logsnr_max']:g}]"
+    else:
+        detail = "the mixture's exact log-density at these points"
+    if "excess_nats" in s:
+        detail += f"; {s['excess_nats']:+.4f} ± {s['excess_nats_sem']:.4f} nats over the exact value"
+    return (
+        f"{name}\tnll {s['nll_nats']:.4f} ± {s['nll_nats_sem']:.4f} nats, "
+        f"{s['bits_per_dim']:.4f} ± {s['bits_per_dim_sem']:.4f} bits/dim\t{detail}"
+    )
+
+
+def nll(args: argparse.Namespace) -> dict[str, Any]:
+    """NLL of ``--num-samples`` points of the run's ``--split`` by each ``--method``; writes ``nll.json``
+    and prints one line per method (and, for a Gaussian mixture, the exact values of the same points)."""
+    methods = _check_nll_args(args)
+    device = _device(args.device)
+    module = load_module(args.ckpt, args.weights, map_location=device)
+    cfg = OmegaConf.create(module.hparams["config"])
+    datamodule = instantiate_checked(cfg.data, "data")
+    factory = datamodule.train_factory if args.split == "train" else datamodule.val_factory
+    if factory is None:
+        raise CommandError(
+            f"--split {args.split}: the run's data config ({cfg.data.train_dataset._target_}) has no "
+            "val_dataset; allowed: train"
+        )
+    dataset = factory()
+    if args.num_samples > len(dataset):
+        raise CommandError(
+            f"--num-samples {args.num_samples} exceeds the {len(dataset)} points of the {args.split} split"
+        )
+    x, labels = data_points(dataset, args.num_samples, args.seed)
+    dtype = torch.float64 if x.ndim == 2 else torch.float32  # 2-D toy data: float64 is cheap
+    module = module.to(dtype).requires_grad_(False)
+    x, data_info = prepare(x.to(dtype), args.seed)
+    labels = labels.to(device) if module.num_classes else None
+    estimates = nll_estimates(
+        module,
+        x.to(device),
+        labels,
+        methods,
+        steps=args.steps,
+        points=args.points,
+        probes=args.probes,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    dim, offset = x[0].numel(), data_info["offset_bits"]
+    result: dict[str, Any] = {
+        "checkpoint": str(args.ckpt),
+        "weights": args.weights,
+        "dataset": describe_dataset(factory, dataset),
+        "split": args.split,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "dim": dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "conditional": labels is not None,
+        **data_info,
+    }
+    exact = exact_nll(dataset, x, module.schedule)
+    reference = None if exact is None else exact["data"]
+    result["methods"] = {
+        m: {**summary(e.pop("nll"), dim, offset, reference), **e} for m, e in estimates.items()
+    }
+    lines = [_nll_line(m, result["methods"][m]) for m in methods]
+    if exact is not None:
+        result["exact"] = {key: summary(value, dim, offset) for key, value in exact.items()}
+        lines.append(_nll_line("exact", result["exact"]["data"]))
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / NLL_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / NLL_JSON}")
+    return result
+
+
 # ---- compare -----------------------------------------------------------------------------------------
 def _features(net: InceptionV3, source: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) of every image of a PNG folder or ``.npz``."""
@@ -293,7 +404,7 @@ def prefetch(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m diffusionflow.evaluate",
-        description="Evaluate checkpoints (grid) and image sets (compare).",
+        description="Evaluate checkpoints (grid, nll) and image sets (compare).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -313,6 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=str(default_cache_dir()), help="reference statistics cache")
     g.add_argument("--device", help="default: cuda when available, else cpu")
     g.set_defaults(func=grid)
+
+    n = sub.add_parser("nll", help="NLL of data points by the probability-flow ODE and the ELBO → nll.json")
+    n.add_argument("--ckpt", required=True, help="a checkpoint of diffusionflow.train")
+    n.add_argument("--weights", choices=WEIGHTS, default="ema")
+    n.add_argument("--method", default="ode,elbo", help=f"comma-separated, from {','.join(METHODS)}")
+    n.add_argument("--num-samples", type=int, default=1000, help="data points (a seeded random subset)")
+    n.add_argument("--split", choices=("train", "val"), default="train")
+    n.add_argument("--steps", type=int, default=64, help="RK4 steps of the ODE (4 denoiser calls each)")
+    n.add_argument("--points", type=int, default=64, help="Gauss–Legendre nodes in λ of the ELBO")
+    n.add_argument("--probes", type=int, default=1, help="Hutchinson probes per point (images)")
+    n.add_argument("--batch-size", type=int, default=256)
+    n.add_argument("--seed", type=int, default=0, help="data subset, dequantisation, probes and ELBO noise")
+    n.add_argument("--out", help="output folder for nll.json (default: <run>/eval beside checkpoints/)")
+    n.add_argument("--device", help="default: cuda when available, else cpu")
+    n.set_defaults(func=nll)
 
     c = sub.add_parser("compare", help="FID / KID / IS of two image sets (torch-fidelity's CLI)")
     c.add_argument("input1", help="a folder of PNGs or a uint8 NHWC .npz")

@@ -5,6 +5,7 @@ One convention: t ∈ [0, 1], t = 0 data, t = 1 noise, z_t = α_t x + σ_t ε, �
 
 from . import (
     adapters,
+    likelihood,
     objective,
     oracle,
     predictions,
@@ -18,6 +19,7 @@ from . import (
 
 __all__ = [
     "adapters",
+    "likelihood",
     "objective",
     "oracle",
     "predictions",
