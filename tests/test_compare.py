@@ -28,7 +28,8 @@ BINS = ("-2_+0", "+0_+2")
 def write_job(
     path: Path, overrides: list[str], config: dict, metrics: dict | None, series: list[dict] | None = None
 ) -> None:
-    """A job folder as Hydra and ``diffusionflow.train`` leave it."""
+    """A job folder as Hydra and ``diffusionflow.train`` leave it: ``metrics`` None for a failed job,
+    {} for one still running."""
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     choices = {k: v for k, _, v in (o.partition("=") for o in overrides) if "." not in k}
@@ -36,6 +37,8 @@ def write_job(
     OmegaConf.save(config, path / ".hydra" / "config.yaml")
     if metrics is None:
         (path / "error.log").write_text("Traceback ...\nRuntimeError: boom\n")
+        return
+    if not metrics:
         return
     (path / "metrics.json").write_text(json.dumps(metrics))
     if series:
@@ -56,13 +59,16 @@ def run_config(weighting: str, tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def multirun(tmp_path_factory) -> tuple[Path, dict]:
-    """weighting ∈ {edm, flow} × seed ∈ {0, 1, 2} with random metrics, then a failed sigmoid job."""
+    """weighting ∈ {edm, flow} × seed ∈ {0, 1, 2} with random metrics, then a failed sigmoid job and an
+    unfinished edm one."""
     root = tmp_path_factory.mktemp("multirun")
     rng = np.random.default_rng(0)
     written: dict = {}
     n = 0
+    config_edm: dict = {}
     for w in WEIGHTINGS:
         config = run_config(w, tmp_path_factory.mktemp(w))
+        config_edm = config if w == "edm" else config_edm
         for seed in SEEDS:
             metrics = {
                 "final/sliced_w2": rng.uniform(0.05, 0.3),
@@ -90,6 +96,7 @@ def multirun(tmp_path_factory) -> tuple[Path, dict]:
         run_config("sigmoid", tmp_path_factory.mktemp("sigmoid")),
         None,
     )
+    write_job(root / str(n + 1), ["weighting=edm", "seed=3", "trainer.max_steps=200"], config_edm, {})
     return root, written
 
 
@@ -97,7 +104,11 @@ def test_table_means_and_stds_are_those_written(multirun, capsys):
     root, written = multirun
     rows = main([str(root)])
     assert [r.label for r in rows] == ["weighting=edm", "weighting=flow", "weighting=sigmoid"]
-    assert [(r.n, r.failed) for r in rows] == [(3, 0), (3, 0), (0, 1)]
+    assert [(r.n, r.count("failed"), r.count("unfinished")) for r in rows] == [
+        (3, 0, 1),
+        (3, 0, 0),
+        (0, 1, 0),
+    ]
     printed = capsys.readouterr().out
     with (root / "comparison" / "comparison.csv").open() as f:
         table = {rec["configuration"]: rec for rec in csv.DictReader(f)}
@@ -114,7 +125,10 @@ def test_table_means_and_stds_are_those_written(multirun, capsys):
             )
             assert f"{values.mean():.4g} ± {values.std(ddof=1):.4g}" in printed
     assert math.isnan(rows[2].mean_std("final/sliced_w2")[0])
-    assert "| `weighting=sigmoid` | 0 (1 failed) |" in printed
+    assert (
+        "| `weighting=sigmoid` | 0 (1 failed) |" in printed
+        and "| `weighting=edm` | 3 (1 unfinished) |" in printed
+    )
     # reference levels and NFE are context, not columns; the training loss is not a table metric
     header = printed.splitlines()[0]
     assert "final/sliced_w2 ↓" in header and "final/log_density ↑" in header
@@ -138,7 +152,7 @@ def test_runs_csv_and_figures(multirun):
     out = root / "comparison"
     with (out / "runs.csv").open() as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 7 and runs[-1]["failed"] == "True" and runs[0]["seed"] == "0"
+    assert [r["status"] for r in runs] == ["done"] * 6 + ["failed", "unfinished"] and runs[0]["seed"] == "0"
     for name in ("metric_vs_step.png", "loss_vs_logsnr.png", "weighting.png"):
         assert (out / name).stat().st_size > 10_000, name
     assert not (out / "metric_vs_nfe.png").exists()  # one NFE per sampler: nothing to plot against

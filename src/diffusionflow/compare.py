@@ -2,7 +2,8 @@
 
 One row per configuration (the job's command-line overrides, seeds left out) with each final metric as
 mean ± standard deviation over its seeds (sample std, ddof = 1) and the number of seeds; failed jobs
-are counted, never averaged. Written to ``<out>/``:
+(an ``error.log``) and unfinished ones (no ``metrics.json`` yet) are counted, never averaged.
+Written to ``<out>/``:
 
 * ``comparison.md`` and ``comparison.csv`` (the table; the Markdown is also printed), ``runs.csv``
   (every job's final metrics);
@@ -77,9 +78,13 @@ class Job:
     choices: dict[str, str]
     config: DictConfig
     metrics: dict[str, float]
-    failed: bool
+    status: str  # done | failed (error.log) | unfinished (no metrics.json yet)
     series: dict[str, dict[int, float]] = field(default_factory=dict)
     label: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
 
     @property
     def seed(self) -> str:
@@ -96,11 +101,10 @@ class Row:
 
     @property
     def n(self) -> int:
-        return sum(not j.failed for j in self.jobs)
+        return sum(j.done for j in self.jobs)
 
-    @property
-    def failed(self) -> int:
-        return sum(j.failed for j in self.jobs)
+    def count(self, status: str) -> int:
+        return sum(j.status == status for j in self.jobs)
 
     def mean_std(self, metric: str) -> tuple[float, float, int]:
         v = [x for x in self.values.get(metric, []) if math.isfinite(x)]
@@ -128,9 +132,9 @@ def _job(path: Path) -> Job:
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    failed = (path / "error.log").exists() or not metrics
+    status = "failed" if (path / "error.log").exists() else "done" if metrics else "unfinished"
     config = OmegaConf.load(hydra_dir / "config.yaml")
-    return Job(path, overrides, choices, config, metrics, failed, _series(path))
+    return Job(path, overrides, choices, config, metrics, status, _series(path))
 
 
 def _job_number(path: Path) -> tuple[int, str]:
@@ -179,7 +183,7 @@ def summarize(jobs: Sequence[Job], metrics: Sequence[str]) -> list[Row]:
     for j in jobs:
         row = rows.setdefault(j.label, Row(j.label, []))
         row.jobs.append(j)
-        if not j.failed:
+        if j.done:
             for m in metrics:
                 if m in j.metrics:
                     row.values.setdefault(m, []).append(j.metrics[m])
@@ -210,7 +214,8 @@ def markdown_table(
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {m: _best(rows, m) for m in metrics}
     for r in rows:
-        cells = [f"`{r.label}`", f"{r.n}" + (f" ({r.failed} failed)" if r.failed else "")]
+        missing = ", ".join(f"{r.count(s)} {s}" for s in ("failed", "unfinished") if r.count(s))
+        cells = [f"`{r.label}`", f"{r.n}" + (f" ({missing})" if missing else "")]
         for m in metrics:
             mean, std, _ = r.mean_std(m)
             cell = f"{_fmt(mean)} ± {_fmt(std)}"
@@ -227,7 +232,7 @@ def markdown_table(
 
 def context_values(jobs: Sequence[Job], patterns: Sequence[str]) -> dict[str, float]:
     keys = dict.fromkeys(k for j in jobs for k in j.metrics if _matches(k, patterns) and _matches(k, CONTEXT))
-    done = [j for j in jobs if not j.failed]
+    done = [j for j in jobs if j.done]
     return {k: statistics.fmean(j.metrics[k] for j in done if k in j.metrics) for k in keys}
 
 
@@ -235,16 +240,25 @@ def write_csvs(rows: Sequence[Row], jobs: Sequence[Job], metrics: Sequence[str],
     with (out / "comparison.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["configuration", "seeds", "failed", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]]
+            [
+                "configuration",
+                "seeds",
+                "failed",
+                "unfinished",
+                *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
+            ]
         )
         for r in rows:
-            w.writerow([r.label, r.n, r.failed, *[v for m in metrics for v in r.mean_std(m)[:2]]])
+            w.writerow(
+                [r.label, r.n, r.count("failed"), r.count("unfinished")]
+                + [v for m in metrics for v in r.mean_std(m)[:2]]
+            )
     keys = list(dict.fromkeys(k for j in jobs for k in j.metrics))
     with (out / "runs.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", "configuration", "seed", "failed", *keys])
+        w.writerow(["job", "configuration", "seed", "status", *keys])
         for j in jobs:
-            w.writerow([j.path.name, j.label, j.seed, j.failed, *[j.metrics.get(k, "") for k in keys]])
+            w.writerow([j.path.name, j.label, j.seed, j.status, *[j.metrics.get(k, "") for k in keys]])
 
 
 # ---- time series -----------------------------------------------------------------------------------
@@ -401,7 +415,7 @@ def plot_loss_vs_logsnr(rows: Sequence[Row], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
     for r in rows:
-        per_job = [_last_bins(j) for j in r.jobs if not j.failed]
+        per_job = [_last_bins(j) for j in r.jobs if j.done]
         for ax, kind in zip(axes, kinds, strict=True):
             centres = sorted({c for b in per_job for c in b.get(kind, {})})
             if not centres:
@@ -461,7 +475,7 @@ def plot_weightings(
 def _plot_row_weightings(rows: Sequence[Row], path: Path) -> bool:
     entries = []
     for r in rows:
-        job = next((j for j in r.jobs if not j.failed), r.jobs[0])
+        job = next((j for j in r.jobs if j.done), r.jobs[0])
         if "weighting" not in job.config:  # a sampling job: no training components
             continue
         try:
@@ -517,7 +531,8 @@ def compare(
     if not metrics:
         raise CompareError(
             f"{root}: none of the {len(jobs)} jobs has a metric matching {list(patterns)} in its "
-            f"metrics.json ({sum(j.failed for j in jobs)} failed); pass --metrics with the keys to compare"
+            f"metrics.json ({sum(not j.done for j in jobs)} failed or unfinished); pass --metrics with the "
+            "keys to compare"
         )
     out = root / "comparison" if out is None else out
     out.mkdir(parents=True, exist_ok=True)
