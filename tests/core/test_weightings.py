@@ -74,10 +74,8 @@ def _paper_setup(name: str):
             cosine,
             lambda out, x, eps, lam, *_: torch.clamp(5 * torch.exp(-lam[:, 0]), max=1) * mse(out, eps),
         ),
-        "elbo": (
-            cosine,
-            lambda out, x, eps, lam, a, s, t: -0.5 * cosine.dlogsnr_dt(t[:, 0]) * mse(out, eps),
-        ),
+        # VDM's fixed schedule: λ_t = λ_max − t (λ_max − λ_min) on [−15, 15], so −λ'_t = 30
+        "elbo": (cosine, lambda out, x, eps, *_: -0.5 * -30.0 * mse(out, eps)),
     }
     return table[name]
 

@@ -64,7 +64,12 @@ class Weighting:
 
 
 class ELBO(Weighting):
-    """w = 1: the continuous-time VDM bound, L = −½ E_t[λ'_t ‖ε̂ − ε‖²] (Kingma et al. 2021, Eq. 17)."""
+    """w = 1: the continuous-time VDM bound, L = −½ E_t[λ'_t ‖ε̂ − ε‖²] (Kingma et al. 2021, Eq. 17).
+
+    Canonical setup: VDM's fixed schedule, log-SNR linear in t, i.e. λ ~ U(λ_min, λ_max) with constant
+    w/p, on [−15, 15] (VDM's [−5, 13.3] is sized for 8-bit images). The bound needs a bounded range:
+    on an untruncated schedule ∫ w dλ diverges (at high SNR the ε-MSE tends to a constant), and uniform
+    t on the cosine schedule gives w/p = 2π cosh(λ/2), unbounded — training on it did not converge."""
 
     name = "elbo"
 
@@ -72,7 +77,7 @@ class ELBO(Weighting):
         return torch.ones_like(logsnr)
 
     def canonical(self) -> Canonical:
-        return Canonical("cosine", "eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
+        return Canonical("cosine", "eps", "uniform_logsnr")
 
 
 class IDDPM(Weighting):
