@@ -306,13 +306,17 @@ def plot_metric_vs_step(rows: Sequence[Row], patterns: Sequence[str], path: Path
     )
     if not keys:
         return False
+    keys = sorted(keys, key=lambda k: "loss" in k)  # quality metrics first, losses last
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
+        values = []
         for label, (steps, mean, std) in step_curves(rows, key).items():
             (line,) = ax.plot(steps, mean, marker=".", label=label)
             lo = [m - s for m, s in zip(mean, std, strict=True)]
             hi = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+            values += mean
+        ax.set_yscale("log" if min(values) > 0 else "symlog")
         ax.set_xlabel("training step")
         ax.set_ylabel(key)
         ax.set_title(key + (" (not comparable across weightings)" if "loss" in key else ""), fontsize=9)
