@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusionflow.config import ConfigError
 from diffusionflow.data.toy2d import Toy2D
 from diffusionflow.lightning.datamodule import DiffusionDataModule, per_rank_batch_size
 
@@ -150,7 +151,15 @@ def _compose(name: str, data_dir: Path) -> DictConfig:
 
 
 def test_every_config_is_present() -> None:
-    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(CONFIGS)
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted([*CONFIGS, "reflow"])
+
+
+def test_reflow_config_needs_a_parent(tmp_path: Path) -> None:
+    """data=reflow builds its pairs from a parent checkpoint (tests/lightning/test_reflow.py); without
+    one, setup stops with the command that makes it."""
+    dm = instantiate(_compose("reflow", tmp_path).data)
+    with pytest.raises(ConfigError, match=r"parent_ckpt=null.*python -m diffusionflow.train"):
+        dm.setup("fit")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
