@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
+from diffusionflow.compare import main as compare_main
 from diffusionflow.evaluate import main
 from diffusionflow.metrics.extractors import WEIGHTS_FILENAME, save_random_inception_weights
 from diffusionflow.train import train
@@ -165,6 +168,19 @@ def test_nll_toy(toy_run, tmp_path, capsys):
     assert result["exact"]["data"]["nll_nats"] == pytest.approx(
         result["exact"]["t_min"]["nll_nats"], abs=1e-3
     )
+    # `compare` puts them in its table when the run folder holds eval/nll.json
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    config = torch.load(toy_run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"][
+        "config"
+    ]
+    OmegaConf.save(config, (run / ".hydra").mkdir() or run / ".hydra" / "config.yaml")
+    shutil.copy(toy_run / "metrics.json", run / "metrics.json")
+    shutil.copy(tmp_path / "nll.json", run / "eval" / "nll.json")
+    (row,) = compare_main([str(run), "--metrics", "nll/*"])
+    for m in ("ode", "elbo"):
+        assert row.mean_std(f"nll/{m}_nats")[0] == result["methods"][m]["nll_nats"]
+        assert row.mean_std(f"nll/{m}_bits_per_dim")[0] == result["methods"][m]["bits_per_dim"]
 
 
 def test_nll_images_dequantised_with_hutchinson(digits_run, tmp_path):

@@ -133,8 +133,19 @@ def _job(path: Path) -> Job:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     status = "failed" if (path / "error.log").exists() else "done" if metrics else "unfinished"
+    if status == "done":
+        metrics |= _likelihoods(path / "eval" / "nll.json")
     config = OmegaConf.load(hydra_dir / "config.yaml")
     return Job(path, overrides, choices, config, metrics, status, _series(path))
+
+
+def _likelihoods(path: Path) -> dict[str, float]:
+    """``nll/<method>_{nats,bits_per_dim}`` from ``evaluate nll``'s ``nll.json``, when the job has one."""
+    if not path.exists():
+        return {}
+    methods = json.loads(path.read_text()).get("methods", {})
+    units = {"nats": "nll_nats", "bits_per_dim": "bits_per_dim"}
+    return {f"nll/{m}_{unit}": float(v[key]) for m, v in methods.items() for unit, key in units.items()}
 
 
 def _job_number(path: Path) -> tuple[int, str]:
