@@ -52,7 +52,7 @@ __all__ = ["Job", "Row", "find_jobs", "main", "markdown_table", "plot_weightings
 log = logging.getLogger(__name__)
 
 SEED_KEYS = ("seed",)
-METRICS = ("final/*", "fid/*", "fd_digits/*", "kid/*", "isc/*", "reflow/*", "nll/*")
+METRICS = ("final/*", "toy/*", "fid/*", "fd_digits/*", "kid/*", "isc/*", "reflow/*", "nll/*")
 SAMPLE_METRICS = (
     "sliced_w2*",
     "energy_distance*",

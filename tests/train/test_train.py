@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from diffusionflow.config import ConfigError
 from diffusionflow.paths import CONFIG_DIR
 from diffusionflow.train import train
+from train.conftest import compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 NEEDS_DATA = {"cifar10", "imagenet64"}
@@ -114,3 +116,21 @@ def test_ddp_sim_two_processes(train_cfg, tmp_path):
     metrics = train(train_cfg(["trainer=ddp_sim", "data.batch_size=64"]))
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert metrics["final/nfe"] == 7
+
+
+def test_toy_metrics_during_training(tmp_path):
+    """``callbacks.final_eval.every_n_steps``: toy/* metrics at steps 2, 4, 6 in the CSV, measured with
+    the EMA weights after that step's update — at the last step they are the final/ values — and the
+    run itself is unchanged (the same final metrics as without them)."""
+    runs = {}
+    for every in (None, 2):
+        out = tmp_path / str(every)
+        extra = [] if every is None else [f"callbacks.final_eval.every_n_steps={every}"]
+        runs[every] = train(compose_train(extra, out))
+    assert runs[None] == pytest.approx(runs[2], rel=0, abs=0)
+    with (tmp_path / "2" / "csv" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("toy/sliced_w2")]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    for key in ("sliced_w2", "energy_distance", "log_density"):
+        assert float(rows[-1][f"toy/{key}"]) == pytest.approx(runs[2][f"final/{key}"], rel=1e-6)
+    assert "toy/sliced_w2" not in (tmp_path / "None" / "csv" / "metrics.csv").read_text()

@@ -19,12 +19,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
 from diffusionflow.lightning.module import DiffusionModule
 from diffusionflow.metrics.toy import energy_distance, sliced_wasserstein
 
-__all__ = ["FinalEvaluation", "final_evaluation", "image_grid", "scatter_plot", "toy_metrics"]
+__all__ = [
+    "FinalEvaluation",
+    "final_evaluation",
+    "generate_fixed",
+    "image_grid",
+    "scatter_plot",
+    "toy_metrics",
+]
 
 
 def toy_metrics(samples: Tensor, dataset: Any, n: int, seed: int) -> dict[str, float]:
@@ -77,13 +85,12 @@ def image_grid(samples: Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def final_evaluation(
-    module: DiffusionModule, dataset: Any, out_dir: Path, num_samples: int = 4096, seed: int = 0
-) -> dict[str, float]:
-    """Generates ``num_samples`` from fixed noise with the module's sampler (its current weights: EMA
-    after training), writes ``samples.npz`` and ``samples.png``, and returns metrics (keys
-    ``final/...``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def generate_fixed(
+    module: DiffusionModule, dataset: Any, num_samples: int, seed: int
+) -> tuple[Tensor, Tensor | None]:
+    """``num_samples`` samples (CPU) and their labels from noise fixed by ``seed``, with the module's
+    sampler and current weights, in eval mode (the module's mode is restored)."""
+    training = module.training
     module.eval()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(num_samples, *dataset.shape, generator=g).to(module.device)
@@ -91,6 +98,19 @@ def final_evaluation(
     if module.num_classes:
         labels = torch.arange(num_samples, device=module.device) % module.num_classes
     samples = module.generate(noise, labels, generator=g).cpu()
+    module.train(training)
+    return samples, labels
+
+
+@torch.no_grad()
+def final_evaluation(
+    module: DiffusionModule, dataset: Any, out_dir: Path, num_samples: int = 4096, seed: int = 0
+) -> dict[str, float]:
+    """Generates ``num_samples`` from fixed noise with the module's sampler (its current weights: EMA
+    after training), writes ``samples.npz`` and ``samples.png``, and returns metrics (keys
+    ``final/...``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples, labels = generate_fixed(module, dataset, num_samples, seed)
     np.savez(
         out_dir / "samples.npz",
         samples=samples.numpy(),
@@ -109,12 +129,40 @@ def final_evaluation(
 
 class FinalEvaluation(Callback):
     """Runs ``final_evaluation`` on rank 0 when fit ends (after the EMA weights were copied in), logs
-    its metrics to every logger and leaves them in ``trainer.callback_metrics``."""
+    its metrics to every logger and leaves them in ``trainer.callback_metrics``.
 
-    def __init__(self, num_samples: int = 4096, seed: int = 0) -> None:
+    With ``every_n_steps``, 2-D data are also measured during training, on rank 0, with the EMA
+    weights (after that step's EMA update) and the same noise: ``toy/{sliced_w2,energy_distance,
+    log_density}`` at each multiple of ``every_n_steps``, to the loggers only (the curves of
+    ``diffusionflow.compare``'s ``metric_vs_step.png``). At the last step they equal the ``final/``
+    values. No collective is involved, so the other ranks do not wait."""
+
+    def __init__(self, num_samples: int = 4096, seed: int = 0, every_n_steps: int | None = None) -> None:
         if num_samples < 1:
             raise ValueError(f"callbacks.final_eval.num_samples={num_samples} must be >= 1")
-        self.num_samples, self.seed = num_samples, seed
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"callbacks.final_eval.every_n_steps={every_n_steps} must be >= 1 or null")
+        self.num_samples, self.seed, self.every_n_steps = num_samples, seed, every_n_steps
+        self.ema: WeightAveraging | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.ema = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        dataset = trainer.datamodule.train_set
+        if len(dataset.shape) != 1:
+            return
+        model = pl_module if self.ema is None else self.ema._average_model.module
+        samples, _ = generate_fixed(model, dataset, self.num_samples, self.seed)
+        metrics = toy_metrics(samples, dataset, self.num_samples, self.seed)
+        logged = {f"toy/{k}": v for k, v in metrics.items() if not k.endswith(("_floor", "_data"))}
+        for lg in trainer.loggers:
+            lg.log_metrics(logged, step=step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
