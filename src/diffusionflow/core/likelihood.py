@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .samplers import pf_velocity
 from .schedules import Schedule
 
 __all__ = [
@@ -127,9 +128,7 @@ def _at(schedule: Schedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Te
 def probability_flow_drift(denoise: Denoiser, z: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
     """f(z, t) = α'_t x̂ + σ'_t ε̂ with ε̂ = (z − α_t x̂)/σ_t (Eq. 1; Song et al. 2021, Eq. 13, written
     with the interpolant's velocity, the blog's u_t = α̇ x + σ̇ ε). ``t`` is a 0-dim tensor."""
-    alpha, sigma, d_alpha, d_sigma = _at(schedule, t, z)
-    x_hat = denoise(z, t)
-    return d_alpha * x_hat + d_sigma * (z - alpha * x_hat) / sigma
+    return pf_velocity(z, denoise(z, t), *_at(schedule, t, z))
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:

@@ -36,6 +36,8 @@ __all__ = [
     "Levels",
     "Sampler",
     "build",
+    "eps_from_x",
+    "pf_velocity",
     "seeded_noise",
     "time_grid",
 ]
@@ -209,8 +211,17 @@ class Sampler:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in opts.items())})"
 
 
-def _eps(z: Tensor, x_hat: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def eps_from_x(z: Tensor, x_hat: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """ε̂ = (z − α x̂)/σ, the noise that x̂ implies for z = α x + σ ε."""
     return (z - alpha * x_hat) / sigma
+
+
+def pf_velocity(
+    z: Tensor, x_hat: Tensor, alpha: Tensor, sigma: Tensor, d_alpha: Tensor, d_sigma: Tensor
+) -> Tensor:
+    """dz/dt of the probability-flow ODE, α̇ x̂ + σ̇ ε̂ (Song et al. 2021, Eq. 13, written with the
+    interpolant's velocity: the blog's u_t = α̇ x + σ̇ ε with x, ε replaced by their estimates)."""
+    return d_alpha * x_hat + d_sigma * eps_from_x(z, x_hat, alpha, sigma)
 
 
 class DDIM(Sampler):
@@ -229,7 +240,7 @@ class DDIM(Sampler):
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         for i in range(len(lv.t) - 1):
             x_hat = denoise(z, lv.t[i])
-            eps_hat = _eps(z, x_hat, lv.alpha[i], lv.sigma[i])
+            eps_hat = eps_from_x(z, x_hat, lv.alpha[i], lv.sigma[i])
             a_s, s_s = lv.alpha[i + 1], lv.sigma[i + 1]
             var_eta = self.eta**2 * s_s**2 * -torch.expm1(lv.logsnr[i] - lv.logsnr[i + 1])
             z = a_s * x_hat + torch.sqrt(s_s**2 - var_eta) * eps_hat
@@ -266,8 +277,8 @@ class Euler(Sampler):
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         for i in range(len(lv.t) - 1):
             x_hat = denoise(z, lv.t[i])
-            eps_hat = _eps(z, x_hat, lv.alpha[i], lv.sigma[i])
-            z = z + (lv.t[i + 1] - lv.t[i]) * (lv.d_alpha[i] * x_hat + lv.d_sigma[i] * eps_hat)
+            u = pf_velocity(z, x_hat, lv.alpha[i], lv.sigma[i], lv.d_alpha[i], lv.d_sigma[i])
+            z = z + (lv.t[i + 1] - lv.t[i]) * u
         return z
 
 
@@ -308,11 +319,11 @@ class EDMSampler(Sampler):
                 a_cur, sig_cur, s_cur = o.alpha, o.sigma, s_hat
                 z = a_cur * z_tilde
             x_hat = denoise(z, t_cur)
-            d = _eps(z, x_hat, a_cur, sig_cur)
+            d = eps_from_x(z, x_hat, a_cur, sig_cur)
             z_tilde = x_hat + s_next * d  # the Euler step on z̃ from σ̃ = s_cur: the DDIM step
             if s_next > 0 and torch.isfinite(s_cur):
                 z_next = lv.alpha[i + 1] * z_tilde
-                d_next = _eps(z_next, denoise(z_next, lv.t[i + 1]), lv.alpha[i + 1], lv.sigma[i + 1])
+                d_next = eps_from_x(z_next, denoise(z_next, lv.t[i + 1]), lv.alpha[i + 1], lv.sigma[i + 1])
                 z_tilde = z_tilde + 0.5 * (s_next - s_cur) * (d_next - d)
             z = lv.alpha[i + 1] * z_tilde
         return z
@@ -371,7 +382,7 @@ class SDE(Sampler):
                 z = lv.alpha[i + 1] * x_hat
                 continue
             a, s = lv.alpha[i], lv.sigma[i]
-            eps_hat = _eps(z, x_hat, a, s)
+            eps_hat = eps_from_x(z, x_hat, a, s)
             dlogsnr = 2 * (lv.d_alpha[i] / a - lv.d_sigma[i] / s)
             g2 = -(s**2) * dlogsnr
             eta2 = self.eta**2 if self.diffusion is None else self.diffusion**2 / g2
@@ -398,7 +409,7 @@ class Churn(Sampler):
         sched = lv.sched
         for i in range(len(lv.t) - 1):
             x_hat = denoise(z, lv.t[i])
-            eps_hat = _eps(z, x_hat, lv.alpha[i], lv.sigma[i])
+            eps_hat = eps_from_x(z, x_hat, lv.alpha[i], lv.sigma[i])
             a_s, s_s = lv.alpha[i + 1], lv.sigma[i + 1]
             if s_s == 0 or self.churn == 0:
                 z = a_s * x_hat + s_s * eps_hat

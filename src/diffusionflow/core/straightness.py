@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .samplers import DDIM, Levels
+from .samplers import DDIM, Levels, eps_from_x
 from .schedules import Schedule
 
 __all__ = ["flow_time_grid", "straightness"]
@@ -70,7 +70,7 @@ def straightness(denoise: Denoiser, noise: Tensor, sched: Schedule, steps: int =
     def record(z: Tensor, t: Tensor) -> Tensor:
         nonlocal step, weight, mean, spread
         x_hat = denoise(z, t)
-        eps_hat = (z - lv_alpha[step] * x_hat) / lv_sigma[step]
+        eps_hat = eps_from_x(z, x_hat, lv_alpha[step], lv_sigma[step])
         u = (eps_hat - x_hat).flatten(1)
         weight = weight + w[step]
         delta = u - mean
