@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test test-fast lint figures bench-samplers clean-logs
+.PHONY: train test test-fast lint wheel figures bench-samplers clean-logs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# A wheel with the configs inside (diffusionflow/conf): `pip install dist/diffusionflow-*.whl`, then
+# df-train / df-sample / df-evaluate / df-compare from any folder, logs under that folder.
+wheel: $(VENV)/.installed
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --no-index . -w dist && rm -rf build
 
 figures: $(VENV)/.installed
 	$(PY) scripts/blog_figures.py --out logs/figures

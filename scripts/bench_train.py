@@ -54,8 +54,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from diffusionflow.config import Components
-from diffusionflow.core import predictions, proposals, samplers, schedules, weightings
+from diffusionflow.core.components import Components, component
 from diffusionflow.core.objective import Objective
 from diffusionflow.core.proposals import Proposal
 from diffusionflow.lightning.module import DiffusionModule, step_seed
@@ -136,15 +135,11 @@ class Row:
 def components(weighting: str = WEIGHTING) -> Components:
     """The weighting with its canonical schedule, prediction and proposal (as ``train.py`` resolves
     ``schedule/prediction/proposal=canonical``); the sampler is only needed to build the module."""
-    w = weightings.build(weighting)
-    canon = w.canonical()
-    return Components(
-        schedule=schedules.build(canon.schedule),
-        prediction=predictions.build(canon.prediction, **canon.prediction_kwargs),
-        weighting=w,
-        proposal=proposals.build("canonical", weighting=w),
-        sampler=samplers.build("heun", steps=18, grid="edm"),
-    )
+    run = {"weighting": component("weighting", weighting)}
+    for kind in ("schedule", "prediction", "proposal"):
+        run[kind] = component(kind, "canonical", run)
+    run["sampler"] = component("sampler", "heun", run, steps=18, grid="edm")
+    return Components(**run)
 
 
 def build_backbone(setup: Setup, seed: int = SEED) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from diffusionflow.compare import components_of, find_jobs, main, nfe_curves, step_curves, summarize
+from diffusionflow.compare import cli, components_of, find_jobs, main, nfe_curves, step_curves, summarize
 from diffusionflow.core.proposals import Adaptive
 from train.conftest import compose_train
 
@@ -229,3 +230,12 @@ def test_bad_input_is_reported_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "none of the 1 jobs has a metric matching" in err and "--metrics" in err
     assert main([str(tmp_path), "--metrics", "train/*"])[0].mean_std("train/loss")[0] == 1.0
+
+
+def test_console_script_exits_0(tmp_path, monkeypatch, capsys):
+    """``df-compare`` runs ``sys.exit(cli())``: ``cli`` returns None (``main``'s rows would exit 1)."""
+    write_job(tmp_path / "0", ["seed=0"], {"seed": 0}, {"train/loss": 1.0})
+    monkeypatch.setattr(sys, "argv", ["df-compare", str(tmp_path), "--metrics", "train/*"])
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(cli())
+    assert exc.value.code is None and "train/loss" in capsys.readouterr().out

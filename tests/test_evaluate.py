@@ -1,5 +1,5 @@
-"""``python -m diffusionflow.evaluate``: grid on tiny checkpoints (agreeing with the training callback),
-compare on random-init Inception weights (the real ones cannot be downloaded here), prefetch, errors."""
+"""``python -m diffusionflow.evaluate``: samplers on tiny checkpoints (agreeing with the training callback),
+sets on random-init Inception weights (the real ones cannot be downloaded here), prefetch, errors."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def _train(out: Path, overrides: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, cache_dir) -> Path:
     """4 training steps (EMA ≠ raw), measured by the callback with both weights after step 3 (deferred to
-    the next hook, so that the EMA update of step 3 is in) and when training ends (before the EMA
-    callback copies the averaged weights into the module); a checkpoint after every step."""
+    the next hook, so that the EMA update of step 3 is in) and when training ends (raw: the weights the
+    EMA callback kept when it copied the averaged ones into the module); a checkpoint after every step."""
     return _train(
         tmp_path_factory.mktemp("digits"),
         [
@@ -69,16 +69,16 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _grid(ckpt: Path, out: Path, *args: str) -> list[dict[str, str]]:
-    main(["grid", "--ckpt", str(ckpt), "--out", str(out), *args])
+def _samplers(ckpt: Path, out: Path, *args: str) -> list[dict[str, str]]:
+    main(["samplers", "--ckpt", str(ckpt), "--out", str(out), *args])
     assert (out / "fid_vs_nfe.png").is_file()
     return _csv(out / "grid.csv")
 
 
 @pytest.mark.parametrize("weights", ["ema", "raw"])
 @pytest.mark.parametrize("step", [3, 4])
-def test_grid_fd_digits_agrees_with_the_callback(digits_run, cache_dir, tmp_path, weights, step):
-    rows = _grid(
+def test_samplers_fd_digits_agrees_with_the_callback(digits_run, cache_dir, tmp_path, weights, step):
+    rows = _samplers(
         digits_run / "checkpoints" / f"step_{step:07d}.ckpt",
         tmp_path,
         *("--samplers", "heun:3,ddim:4", "--metric", "fd_digits", "--weights", weights),
@@ -99,8 +99,8 @@ def test_grid_fd_digits_agrees_with_the_callback(digits_run, cache_dir, tmp_path
     assert rows[0]["reference"] == callback[step, rows[0]["key"]]["reference"]
 
 
-def test_grid_toy(toy_run, tmp_path):
-    rows = _grid(
+def test_samplers_toy(toy_run, tmp_path):
+    rows = _samplers(
         toy_run / "checkpoints" / "last.ckpt",
         tmp_path,
         "--samplers",
@@ -116,7 +116,7 @@ def test_grid_toy(toy_run, tmp_path):
     assert "toy/" not in rows[0]["key"] and rows[0]["key"].endswith("_ema")
 
 
-def test_grid_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
+def test_samplers_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
     for args, message in [
         (
             ["--metric", "fd_digits", "--samplers", "heun:3"],
@@ -130,7 +130,7 @@ def test_grid_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
         (["--metric", "toy", "--samplers", "heun:3", "--num-samples", "1"], "--num-samples 1 must be >= 2"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            _grid(toy_run / "checkpoints" / "last.ckpt", tmp_path, *args)
+            _samplers(toy_run / "checkpoints" / "last.ckpt", tmp_path, *args)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "grid.csv").exists()
@@ -224,7 +224,7 @@ def test_nll_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def image_sets(tmp_path_factory) -> dict[str, Path]:
     """Two small uint8 NHWC .npz sets of different statistics, and random-init Inception weights."""
-    root = tmp_path_factory.mktemp("compare")
+    root = tmp_path_factory.mktemp("sets")
     g = torch.Generator().manual_seed(0)
     for name, size, scale in (("a", 5, 60.0), ("b", 6, 25.0)):
         images = (128 + scale * torch.randn(size, 16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8)
@@ -233,7 +233,7 @@ def image_sets(tmp_path_factory) -> dict[str, Path]:
     return {"a": root / "a.npz", "b": root / "b.npz", "weights": root / "inception.pth"}
 
 
-def test_compare_fid_kid_isc(image_sets, tmp_path):
+def test_sets_fid_kid_isc(image_sets, tmp_path):
     out = tmp_path / "metrics.json"
     a, b, weights = (str(image_sets[k]) for k in ("a", "b", "weights"))
     common = [
@@ -246,7 +246,7 @@ def test_compare_fid_kid_isc(image_sets, tmp_path):
         "--kid-subset-size",
         "4",
     ]
-    result = main(["compare", a, b, "--fid", "--kid", "--isc", *common, "--json", str(out)])
+    result = main(["sets", a, b, "--fid", "--kid", "--isc", *common, "--json", str(out)])
     assert json.loads(out.read_text()) == result
     assert set(result) == {
         "frechet_inception_distance",
@@ -263,7 +263,7 @@ def test_compare_fid_kid_isc(image_sets, tmp_path):
     assert result["frechet_inception_distance"] > 0 and result["inception_score_mean"] > 1
 
 
-def test_compare_errors_name_the_fix(image_sets, tmp_path, monkeypatch, capsys):
+def test_sets_errors_name_the_fix(image_sets, tmp_path, monkeypatch, capsys):
     a, b = str(image_sets["a"]), str(image_sets["b"])
     cases = [
         ([a, b], "choose at least one metric"),
@@ -281,7 +281,7 @@ def test_compare_errors_name_the_fix(image_sets, tmp_path, monkeypatch, capsys):
     )
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            main(["compare", *args])
+            main(["sets", *args])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusionflow.config import ConfigError, build_components, instantiate_checked
+from diffusionflow.config import build_components, instantiate_checked
+from diffusionflow.errors import ConfigError
 from diffusionflow.lightning.module import DiffusionModule
 
 __all__ = ["WEIGHTS", "build_module", "check_weights", "load_module"]

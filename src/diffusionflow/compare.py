@@ -1,4 +1,5 @@
-"""Compare the jobs of a sweep: ``python -m diffusionflow.compare <multirun folder> [--out DIR] [--wandb]``.
+"""Compare the jobs of a sweep: ``df-compare <multirun folder> [--out DIR] [--wandb]`` (or ``python -m
+diffusionflow.compare``).
 
 One row per configuration (the job's command-line overrides, seeds left out) with each final metric as
 mean ± standard deviation over its seeds (sample std, ddof = 1) and the number of seeds; failed jobs
@@ -46,8 +47,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffusionflow.config import ConfigError, build_components
 from diffusionflow.core.proposals import Adaptive, Proposal
 from diffusionflow.core.weightings import Weighting
+from diffusionflow.plots import plot_weightings
 
-__all__ = ["Job", "Row", "find_jobs", "main", "markdown_table", "plot_weightings", "summarize"]
+__all__ = ["Job", "Row", "cli", "find_jobs", "main", "markdown_table", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -465,28 +467,6 @@ def components_of(job: Job) -> tuple[Weighting, Proposal]:
     return comps.weighting, comps.proposal
 
 
-def plot_weightings(
-    entries: Sequence[tuple[str, Weighting, Proposal]],
-    path: Path,
-    logsnr_range: tuple[float, float] = (-12, 12),
-) -> None:
-    """w(λ)/max w and p(λ) for each (label, weighting, proposal): the blog's figure for these runs."""
-    lam = torch.linspace(*logsnr_range, 481, dtype=torch.float64)
-    fig, (aw, ap) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, w, p in entries:
-        wl = w(lam)
-        aw.plot(lam, wl / wl.max(), label=label)
-        ap.plot(lam, p.log_prob(lam).exp(), label=f"{label}: {type(p).__name__}")
-    aw.set_title("weighting w(λ) (normalised to max 1)", fontsize=9)
-    ap.set_title("proposal p(λ) used in training", fontsize=9)
-    for ax in (aw, ap):
-        ax.set_xlabel("log-SNR λ")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _plot_row_weightings(rows: Sequence[Row], path: Path) -> bool:
     entries = []
     for r in rows:
@@ -594,5 +574,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         raise SystemExit(2) from err
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``df-compare`` console script: ``main`` on ``sys.argv``, exit status 0 (``main`` returns the
+    rows, which ``sys.exit`` would print and turn into status 1)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,20 +1,21 @@
-"""Evaluate checkpoints and image sets: ``python -m diffusionflow.evaluate {grid,nll,compare,prefetch}``.
+"""Evaluate checkpoints and image sets: ``python -m diffusionflow.evaluate {samplers,nll,sets,prefetch}``.
 
-    python -m diffusionflow.evaluate grid --ckpt logs/train/runs/<run>/checkpoints/last.ckpt \\
+    python -m diffusionflow.evaluate samplers --ckpt logs/train/runs/<run>/checkpoints/last.ckpt \\
         --samplers heun:18,ddim:10,ddim:20 --num-samples 50000 --metric fid --out logs/eval/<run>
     python -m diffusionflow.evaluate nll --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --method ode,elbo
-    python -m diffusionflow.evaluate compare samples.npz cifar10-train/ --fid --kid --isc --json out.json
+    python -m diffusionflow.evaluate sets samples.npz cifar10-train/ --fid --kid --isc --json out.json
     python -m diffusionflow.evaluate prefetch [--dest DIR]
 
-``grid`` measures one checkpoint with several samplers × step counts: the same per-sample seeds and
-reference statistics as training's ``FIDCallback`` (so a grid row and the callback's value at that
-checkpoint agree), written to ``grid.csv`` and plotted against NFE in ``fid_vs_nfe.png``. ``--metric``
-is ``fid`` (Inception), ``fd_digits`` (the digits classifier) or ``toy`` (sliced W2, energy distance
-and exact log-density on 2-D data). ``nll`` estimates the negative log-likelihood of points of the run's
-own data set through the probability-flow ODE and the ELBO (``diffusionflow.likelihood``), in nats and
-bits/dim, written to ``nll.json``. ``compare`` is torch-fidelity's command line on two image sets (a
-PNG folder or a uint8 NHWC ``.npz``), with its JSON key names. ``prefetch`` is the only command that uses
-the network: it downloads the Inception weights, which nothing else ever does.
+``samplers`` measures one checkpoint with several samplers × step counts: the same per-sample seeds
+(``diffusionflow.metrics.generate``) and reference statistics as training's ``FIDCallback`` (so a row and
+the callback's value at that checkpoint agree), written to ``grid.csv`` and plotted against NFE in
+``fid_vs_nfe.png``. ``--metric`` is ``fid`` (Inception), ``fd_digits`` (the digits classifier) or
+``toy`` (sliced W2, energy distance and exact log-density on 2-D data). ``nll`` estimates the negative
+log-likelihood of points of the run's own data set through the probability-flow ODE and the ELBO
+(``diffusionflow.nll``), in nats and bits/dim, written to ``nll.json``. ``sets`` is
+torch-fidelity's command line on two image sets (a PNG folder or a uint8 NHWC ``.npz``), with its JSON
+key names. ``prefetch`` is the only command that uses the network: it downloads the Inception weights,
+which nothing else ever does.
 """
 
 from __future__ import annotations
@@ -35,33 +36,33 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusionflow.checkpoint import WEIGHTS, load_module
-from diffusionflow.config import ConfigError, instantiate_checked
-from diffusionflow.lightning.fid_callback import (
+from diffusionflow.config import instantiate_checked
+from diffusionflow.errors import ConfigError
+from diffusionflow.metrics.digits_classifier import DigitsClassifier, default_cache_dir
+from diffusionflow.metrics.extractors import WEIGHTS_FILENAME, InceptionV3, default_weights_path
+from diffusionflow.metrics.fid import (
     REFERENCE_SPLITS,
     EvalRow,
     append_rows,
     describe_dataset,
-    generate_batches,
     generate_features,
     metric_key,
     metric_name_of,
-    nfe_of,
-    parse_samplers,
     reference_moments,
 )
-from diffusionflow.lightning.final_eval import toy_metrics
-from diffusionflow.likelihood import METHODS, data_points, exact_nll, nll_estimates, prepare, summary
-from diffusionflow.metrics.digits_classifier import DigitsClassifier, default_cache_dir
-from diffusionflow.metrics.extractors import WEIGHTS_FILENAME, InceptionV3, default_weights_path
 from diffusionflow.metrics.frechet import FrechetStats, frechet_distance
+from diffusionflow.metrics.generate import generate, nfe_of, parse_samplers
+from diffusionflow.metrics.toy_samples import toy_metrics
+from diffusionflow.nll import METHODS, data_points, exact_nll, nll_estimates, prepare, summary
 
-__all__ = ["build_parser", "compare", "grid", "main", "nll", "prefetch"]
+__all__ = ["build_parser", "main", "nll", "prefetch", "samplers", "sets"]
 
 log = logging.getLogger(__name__)
 
 METRICS = ("fid", "fd_digits", "toy")
 PREFETCH = "python -m diffusionflow.evaluate prefetch"
-GRID_CSV, GRID_PNG, NLL_JSON = "grid.csv", "fid_vs_nfe.png", "nll.json"
+SAMPLERS_CSV, SAMPLERS_PNG, NLL_JSON = "grid.csv", "fid_vs_nfe.png", "nll.json"
+"""``grid.csv``: the name ``diffusionflow.compare`` collects (``**/grid.csv``) beside ``eval/fid.csv``."""
 
 
 class CommandError(ValueError):
@@ -86,18 +87,18 @@ def _inception(weights: str | None, device: torch.device) -> InceptionV3:
     return InceptionV3(path).to(device)
 
 
-# ---- grid --------------------------------------------------------------------------------------------
+# ---- samplers ----------------------------------------------------------------------------------------
 def _toy_rows(
     module: Any, sampler: Any, nfe: int, datamodule: Any, args: argparse.Namespace
 ) -> list[EvalRow]:
     """Sliced W2, energy distance (and their floors) and exact log-densities of 2-D samples."""
-    indices = range(args.num_samples)
-    shape = datamodule.shape
-    samples = torch.cat(
-        [
-            x.cpu()
-            for _, x in generate_batches(module, sampler, indices, shape, args.batch_size, args.seed_offset)
-        ]
+    samples = generate(
+        module,
+        range(args.num_samples),
+        shape=datamodule.shape,
+        batch_size=args.batch_size,
+        seed_offset=args.seed_offset,
+        sampler=sampler,
     )
     dataset = datamodule.train_set
     reference = json.dumps(
@@ -152,7 +153,7 @@ def _plot(rows: Sequence[EvalRow], path: Path) -> None:
     plt.close(fig)
 
 
-def grid(args: argparse.Namespace) -> list[EvalRow]:
+def samplers(args: argparse.Namespace) -> list[EvalRow]:
     """Every sampler of ``--samplers`` on the checkpoint; writes ``grid.csv`` and ``fid_vs_nfe.png``."""
     if args.num_samples < 2 or args.batch_size < 1 or args.seed_offset < 0:
         raise CommandError(
@@ -160,7 +161,7 @@ def grid(args: argparse.Namespace) -> list[EvalRow]:
             f"--seed-offset {args.seed_offset} >= 0"
         )
     try:
-        samplers = parse_samplers(args.samplers.split(","))
+        measured = parse_samplers(args.samplers.split(","))
     except ValueError as err:
         raise CommandError(f"--samplers {args.samplers}: {err}") from err
     if args.reference not in REFERENCE_SPLITS and not Path(args.reference).is_file():
@@ -180,7 +181,7 @@ def grid(args: argparse.Namespace) -> list[EvalRow]:
     datamodule.setup("fit")
     rows = []
     if args.metric == "toy":
-        for sampler in samplers:
+        for sampler in measured:
             rows += _toy_rows(module, sampler, nfe_of(sampler, module.schedule), datamodule, args)
     else:
         cache = Path(args.cache_dir)
@@ -189,7 +190,7 @@ def grid(args: argparse.Namespace) -> list[EvalRow]:
             args.reference, datamodule, extractor, cache, args.batch_size
         )
         metric = metric_name_of(extractor)
-        for sampler in samplers:
+        for sampler in measured:
             nfe = nfe_of(sampler, module.schedule)
             gen = generate_features(
                 module,
@@ -206,12 +207,12 @@ def grid(args: argparse.Namespace) -> list[EvalRow]:
             rows.append(_row(metric, value, sampler, nfe, args, reference))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / GRID_CSV).unlink(missing_ok=True)
-    append_rows(out / GRID_CSV, rows, checkpoint=str(args.ckpt))
-    _plot(rows, out / GRID_PNG)
+    (out / SAMPLERS_CSV).unlink(missing_ok=True)
+    append_rows(out / SAMPLERS_CSV, rows, checkpoint=str(args.ckpt))
+    _plot(rows, out / SAMPLERS_PNG)
     for row in rows:
         print(f"{row.key}\t{row.value:.6g}")
-    print(f"wrote {out / GRID_CSV} and {out / GRID_PNG}")
+    print(f"wrote {out / SAMPLERS_CSV} and {out / SAMPLERS_PNG}")
     return rows
 
 
@@ -322,7 +323,7 @@ def nll(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# ---- compare -----------------------------------------------------------------------------------------
+# ---- sets --------------------------------------------------------------------------------------------
 def _features(net: InceptionV3, source: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) of every image of a PNG folder or ``.npz``."""
     from diffusionflow.metrics.images import image_batches
@@ -340,7 +341,7 @@ def _frechet(features: Sequence[torch.Tensor]) -> float:
     return frechet_distance(*moments)
 
 
-def compare(args: argparse.Namespace) -> dict[str, Any]:
+def sets(args: argparse.Namespace) -> dict[str, Any]:
     """FID / KID / IS of two image sets, torch-fidelity's key names; IS is of INPUT1, as there."""
     from diffusionflow.metrics.images import count_images
     from diffusionflow.metrics.kid_is import inception_score, kernel_inception_distance
@@ -404,11 +405,11 @@ def prefetch(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m diffusionflow.evaluate",
-        description="Evaluate checkpoints (grid, nll) and image sets (compare).",
+        description="Evaluate checkpoints (samplers, nll) and image sets (sets).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("grid", help="one checkpoint × samplers × steps → grid.csv, fid_vs_nfe.png")
+    g = sub.add_parser("samplers", help="one checkpoint × samplers × steps → grid.csv, fid_vs_nfe.png")
     g.add_argument("--ckpt", required=True, help="a checkpoint of diffusionflow.train")
     g.add_argument("--samplers", required=True, help="name:steps,... e.g. heun:18,ddim:10,ddim:20")
     g.add_argument("--num-samples", type=int, default=10_000)
@@ -423,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inception-weights", help="Inception weights file (default: the torch.hub cache)")
     g.add_argument("--cache-dir", default=str(default_cache_dir()), help="reference statistics cache")
     g.add_argument("--device", help="default: cuda when available, else cpu")
-    g.set_defaults(func=grid)
+    g.set_defaults(func=samplers)
 
     n = sub.add_parser("nll", help="NLL of data points by the probability-flow ODE and the ELBO → nll.json")
     n.add_argument("--ckpt", required=True, help="a checkpoint of diffusionflow.train")
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--device", help="default: cuda when available, else cpu")
     n.set_defaults(func=nll)
 
-    c = sub.add_parser("compare", help="FID / KID / IS of two image sets (torch-fidelity's CLI)")
+    c = sub.add_parser("sets", help="FID / KID / IS of two image sets (torch-fidelity's CLI)")
     c.add_argument("input1", help="a folder of PNGs or a uint8 NHWC .npz")
     c.add_argument("input2", help="a folder of PNGs or a uint8 NHWC .npz")
     c.add_argument("--fid", action="store_true", help="Fréchet Inception distance")
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inception-weights", help="Inception weights file (default: the torch.hub cache)")
     c.add_argument("--device", help="default: cuda when available, else cpu")
     c.add_argument("--json", help="also write the result to this file")
-    c.set_defaults(func=compare)
+    c.set_defaults(func=sets)
 
     p = sub.add_parser("prefetch", help="download the Inception weights (needs internet)")
     p.add_argument("--dest", help=f"a folder or file (default: {default_weights_path().parent})")
@@ -472,5 +473,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
         parser.exit(2, f"error: {err}\n")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``df-evaluate`` console script: ``main`` on ``sys.argv``, exit status 0 on success (``main``
+    returns the subcommand's result, which ``sys.exit`` would print and turn into status 1)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -10,20 +10,19 @@ a toy Gaussian mixture under ``schedule`` (default flow), in float64 on the CPU,
 
 Writes to ``out_dir`` (default ``logs/sample/runs/<date>_<time>/``): ``samples.npz`` (``samples``,
 ``labels`` of a class-conditional model, and ``nfe``, ``sampler``, ``steps``, ``seed``, ``weights``,
-``source``), ``samples.png`` (a scatter over the true law for 2-D data, an image grid otherwise) and,
+``source``), ``samples.png`` (a scatter over the true law for 2-D data, an image mosaic otherwise) and,
 for 2-D toy laws, ``metrics.json`` with the toy metrics of training's final evaluation.
 
-Noise: sample i has its own seed, ``seed + i`` (EDM's per-seed generation, as the FID callback and
-``evaluate``): its initial noise and a stochastic sampler's fresh noise come from that generator alone,
-so a sample depends neither on ``batch_size`` nor on ``num_samples`` (a larger run extends a smaller
-one). The sampler runs once over all samples and only the denoiser runs in batches of ``batch_size``;
-the samples' states (a few copies of ``num_samples`` × shape) stay on the device.
+Noise: sample i has its own seed, ``seed + i``, through the generator that training's evaluation, the
+FID callback, ``evaluate`` and reflow pairs use (``diffusionflow.metrics.generate``): its initial noise
+(drawn in the model's dtype) and a stochastic sampler's fresh noise come from that generator alone, so a
+sample depends neither on ``batch_size`` nor on ``num_samples`` (a larger run extends a smaller one).
+The sampler runs on batches of ``batch_size`` samples.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,30 +35,54 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from diffusionflow.checkpoint import check_weights, load_module
-from diffusionflow.config import ConfigError, instantiate_checked
-from diffusionflow.core.samplers import Denoiser, Sampler, seeded_noise
+from diffusionflow.config import instantiate_checked
+from diffusionflow.core.samplers import Denoiser, Sampler
 from diffusionflow.core.schedules import Schedule
 from diffusionflow.data.toy2d import MIXTURES, Toy2D
-from diffusionflow.lightning.final_eval import image_grid, scatter_plot, toy_metrics
-from diffusionflow.paths import CONFIG_DIR
+from diffusionflow.errors import ConfigError
+from diffusionflow.metrics.generate import GenerativeModel, generate
+from diffusionflow.metrics.pictures import image_mosaic, scatter_plot
+from diffusionflow.metrics.toy_samples import toy_metrics
+from diffusionflow.paths import CONFIG_DIR, CONFIG_PKG
 
 __all__ = ["main", "sample", "validate"]
 
-IMAGES_IN_GRID = 100
+IMAGES_IN_MOSAIC = 100
+
+
+class Oracle:
+    """The exact denoiser of a Gaussian mixture under ``schedule``, as a model for ``metrics.generate``:
+    unconditional, float64, on the CPU."""
+
+    num_classes = 0
+    training = False
+    device = torch.device("cpu")
+    dtype = torch.float64
+
+    def __init__(self, law: Toy2D, schedule: Schedule, sampler: Sampler) -> None:
+        self.law, self.schedule, self.sampler = law, schedule, sampler
+
+    def denoiser(self, labels: Tensor | None = None, guidance: float | None = None) -> Denoiser:
+        def exact(z: Tensor, t: Tensor) -> Tensor:
+            return self.law.mixture.x_hat(z, t, self.schedule)
+
+        return exact
+
+    def eval(self) -> Oracle:
+        return self
+
+    def train(self, mode: bool = True) -> Oracle:
+        return self
 
 
 @dataclass(frozen=True)
 class Source:
-    """What is sampled: ``denoiser(rows)`` is the denoiser of those rows of the samples."""
+    """What is sampled: ``model`` (a checkpoint's module or the oracle) with ``labels`` per sample."""
 
     description: str
     weights: str
-    schedule: Schedule
-    sampler: Sampler
-    denoiser: Callable[[slice], Denoiser]
+    model: GenerativeModel
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
     labels: Tensor | None = None
     guidance: float | None = None
     law: Any = None
@@ -140,12 +163,8 @@ def _checkpoint_source(cfg: DictConfig) -> Source:
     return Source(
         description=description,
         weights=cfg.weights,
-        schedule=module.schedule,
-        sampler=module.sampler,
-        denoiser=lambda rows: module.denoiser(None if labels is None else labels[rows], cfg.guidance),
+        model=module,
         shape=shape,
-        dtype=next(module.parameters()).dtype,
-        device=device,
         labels=labels,
         guidance=module.guidance if cfg.guidance is None else float(cfg.guidance),
         law=law,
@@ -157,37 +176,19 @@ def _oracle_source(cfg: DictConfig) -> Source:
     _labels(cfg, 0, description)  # the oracle is unconditional: rejects labels and guidance
     law = Toy2D(cfg.oracle, n=1)  # only its law is used: mixture and reference_samples
     schedule: Schedule = instantiate_checked(cfg.schedule, "schedule")
-
-    def exact(z: Tensor, t: Tensor) -> Tensor:
-        return law.mixture.x_hat(z, t, schedule)
-
     return Source(
         description=description,
         weights="exact",
-        schedule=schedule,
-        sampler=instantiate_checked(cfg.sampler, "sampler"),
-        denoiser=lambda rows: exact,
+        model=Oracle(law, schedule, instantiate_checked(cfg.sampler, "sampler")),
         shape=(law.mixture.dim,),
-        dtype=torch.float64,
-        device=torch.device("cpu"),
         law=law,
     )
-
-
-def _batched(denoiser: Callable[[slice], Denoiser], n: int, batch_size: int) -> Denoiser:
-    """One denoiser of all ``n`` samples that calls ``denoiser(rows)`` on consecutive ``batch_size`` rows."""
-    parts = [(rows, denoiser(rows)) for rows in (slice(i, i + batch_size) for i in range(0, n, batch_size))]
-
-    def denoise(z: Tensor, t: Tensor) -> Tensor:
-        return torch.cat([part(z[rows], t) for rows, part in parts])
-
-    return denoise
 
 
 def _write(out_dir: Path, samples: Tensor, source: Source, cfg: DictConfig) -> dict[str, float]:
     """samples.npz, samples.png and, for 2-D data, metrics.json (whose metrics are returned)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sampler = source.sampler
+    sampler = source.model.sampler
     arrays: dict[str, Any] = {
         "samples": samples.numpy(),
         "nfe": sampler.nfe,
@@ -202,7 +203,7 @@ def _write(out_dir: Path, samples: Tensor, source: Source, cfg: DictConfig) -> d
         arrays |= {"labels": source.labels.cpu().numpy(), "guidance": source.guidance}
     np.savez(out_dir / "samples.npz", **arrays)
     if source.law is None:
-        image_grid(samples[:IMAGES_IN_GRID].clamp(-1, 1), out_dir / "samples.png")
+        image_mosaic(samples[:IMAGES_IN_MOSAIC].clamp(-1, 1), out_dir / "samples.png")
         return {}
     scatter_plot(samples, source.law, out_dir / "samples.png")
     metrics = {"nfe": float(sampler.nfe), **toy_metrics(samples, source.law, len(samples), cfg.seed)}
@@ -215,23 +216,26 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     source = _oracle_source(cfg) if cfg.oracle is not None else _checkpoint_source(cfg)
     n = int(cfg.num_samples)
-    noise, gens = seeded_noise(range(cfg.seed, cfg.seed + n), source.shape)
-    with torch.no_grad():
-        denoise = _batched(source.denoiser, n, cfg.batch_size)
-        samples = source.sampler(
-            denoise, noise.to(source.device, source.dtype), source.schedule, generator=gens
-        )
-    samples = samples.cpu()
+    samples = generate(
+        source.model,
+        range(n),
+        shape=source.shape,
+        batch_size=int(cfg.batch_size),
+        seed_offset=int(cfg.seed),
+        labels=source.labels,
+        guidance=source.guidance,
+    )
     out_dir = Path(cfg.out_dir)
     metrics = _write(out_dir, samples, source, cfg)
+    sampler = source.model.sampler
     print(
-        f"{n} samples from {source.description} ({source.weights}) with {source.sampler.name}, "
-        f"{source.sampler.steps} steps, NFE {source.sampler.nfe} -> {out_dir / 'samples.npz'}"
+        f"{n} samples from {source.description} ({source.weights}) with {sampler.name}, "
+        f"{sampler.steps} steps, NFE {sampler.nfe} -> {out_dir / 'samples.npz'}"
     )
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_PKG, config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

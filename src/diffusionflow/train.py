@@ -22,10 +22,11 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from diffusionflow.checkpoint import build_module
-from diffusionflow.compare import plot_weightings
-from diffusionflow.config import ConfigError, instantiate_checked
+from diffusionflow.config import ConfigError, instantiate_checked, resolve
 from diffusionflow.lightning.checkpoint_io import AtomicCheckpointIO
-from diffusionflow.paths import CONFIG_DIR
+from diffusionflow.paths import CONFIG_PKG
+from diffusionflow.plots import plot_weightings
+from diffusionflow.reflow import prepare_reflow_pairs  # reflow pairs hook
 from diffusionflow.tracking import finish_wandb, log_final, setup_wandb
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,28 @@ def _instantiate_dict(node: DictConfig | None, key: str) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Builds everything from ``cfg`` (failing fast on bad values), fits, evaluates; returns metrics."""
+    """Builds everything from ``cfg`` (failing fast on bad values), fits, evaluates; returns metrics.
+
+    ``canonical`` components are resolved first (``config.resolve``): the printed config, the run folder's
+    ``config_resolved.yaml`` and the checkpoints' stored config name the schedule, prediction and
+    proposal that run. ``dry_run=true`` stops after everything is built and checked."""
     validate(cfg)
+    cfg = resolve(cfg)
+    if cfg.get("print_config"):
+        log.info("config (canonical components resolved):\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
+    # -- reflow pairs hook (diffusionflow.reflow): the pairs file is made before the data that reads it
+    cfg = prepare_reflow_pairs(cfg)
+    # -- end of reflow pairs hook
     module = build_module(cfg)
     datamodule = instantiate_checked(cfg.data, "data")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(module.hparams["config"]))
+    if cfg.get("dry_run"):
+        log.info("dry_run: every component built and checked; nothing trained")
+        return {}
     setup_wandb(cfg, module)
     callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers: list[Logger] = _instantiate_dict(cfg.get("logger"), "logger")
@@ -86,7 +103,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        out = Path(cfg.paths.output_dir)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         lo, hi = module.bin_edges[0].item(), module.bin_edges[-1].item()
         plot_weightings(
@@ -113,11 +129,9 @@ def run(cfg: DictConfig) -> float | None:
     return None if cfg.get("optimized_metric") is None else value
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PKG, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
-    if cfg.get("print_config"):
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     return run(cfg)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffusionflow.core import proposals, schedules, weightings
+from diffusionflow.core.components import component
 
 GRID = torch.linspace(-40, 40, 200001, dtype=torch.float64)
 
@@ -27,7 +28,7 @@ CASES = [
 
 
 def _build(name, opts):
-    return proposals.build(name, weighting=weightings.build("edm"), **opts)
+    return component("proposal", name, {"weighting": weightings.build("edm")}, **opts)
 
 
 @pytest.mark.parametrize(("name", "opts"), CASES)
@@ -123,12 +124,14 @@ def test_adaptive_moves_mass_where_the_loss_is(f64):
 
 def test_canonical_and_errors():
     edm = weightings.build("edm", P_mean=-1.0, P_std=1.5)
-    p = proposals.build("canonical", weighting=edm)
+    p = component("proposal", "canonical", {"weighting": edm})
     assert isinstance(p, proposals.LogNormal) and (p.mean, p.std) == (2.0, 3.0)
     with pytest.raises(ValueError, match="proposal='bogus' is unknown; allowed"):
         proposals.build("bogus")
-    with pytest.raises(ValueError, match="needs the weighting"):
-        proposals.build("canonical")
+    with pytest.raises(ValueError, match="proposal=canonical needs the run's weighting"):
+        component("proposal", "canonical")
+    with pytest.raises(TypeError, match="weighting"):  # p ∝ w without a w
+        component("proposal", "weighting")
     with pytest.raises(ValueError, match="s=3.0 must be in"):
         proposals.build("mode", s=3.0)
     with pytest.raises(ValueError, match="logsnr_min=5.0 must be < logsnr_max=1.0"):

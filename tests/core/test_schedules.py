@@ -95,8 +95,65 @@ def test_derivatives_at_infinite_ends_are_the_limits(f64):
         ("nope", {}, "schedule='nope' is unknown; allowed: \\['cosine', 'edm', 'flow', 'linear'\\]"),
         ("linear", {"beta_min": 2.0, "beta_max": 1.0}, "beta_min=2.0"),
         ("edm", {"logsnr_min": -math.inf}, "must be finite"),
+        ("flow", {"scale": -2.0}, "scale=-2.0: allowed a positive number, 'vp' or a callable"),
     ],
 )
 def test_bad_options_name_key_and_value(name, opts, match):
     with pytest.raises(ValueError, match=match):
         schedules.build(name, **opts)
+
+
+class UniformLogSNR(schedules.VariancePreserving):
+    """A new schedule as a short class: VP with λ linear in t, λ(t) = 10 − 20 t."""
+
+    name = "uniform_logsnr"
+
+    def logsnr(self, t):
+        return 10.0 - 20.0 * t
+
+    def dlogsnr_dt(self, t):
+        return torch.full_like(t, -20.0)
+
+    def t_of_logsnr(self, logsnr):
+        return (10.0 - logsnr) / 20.0
+
+
+def assert_consistent(s: schedules.Schedule) -> None:
+    """Derivatives by finite differences; λ = log(α²/σ²); t_of_logsnr inverts λ."""
+    o = s(T)
+    for value, deriv in [(s.alpha, o.d_alpha), (s.sigma, o.d_sigma), (s.logsnr, o.dlogsnr)]:
+        assert torch.allclose(deriv, central_difference(value, T), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(o.logsnr, torch.log(o.alpha**2 / o.sigma**2), atol=1e-12)
+    assert torch.allclose(s.t_of_logsnr(o.logsnr), T, atol=1e-12)
+
+
+def test_a_new_schedule_is_a_short_class_and_takes_the_wrappers(f64):
+    bare = UniformLogSNR()
+    lam = 10.0 - 20.0 * T
+    assert torch.allclose(bare.alpha(T), torch.sqrt(torch.sigmoid(lam)), atol=1e-15)
+    assert torch.allclose(bare.sigma(T), torch.sqrt(torch.sigmoid(-lam)), atol=1e-15)
+
+    # Truncation (Kingma & Gao App. D): λ(1) = λ_min, λ(0) = λ_max, here λ = 9 − 16 t.
+    truncated = schedules.Truncated(bare, logsnr_min=-7.0, logsnr_max=9.0)
+    assert (truncated.logsnr_min, truncated.logsnr_max) == (pytest.approx(-7.0), pytest.approx(9.0))
+    assert torch.allclose(truncated.logsnr(T), 9.0 - 16.0 * T, atol=1e-12)
+    # Shift (SD3 §5.3.2): λ → λ − 2 log s, α² = sigmoid(λ − 2 log s).
+    shifted = schedules.Shifted(bare, 2.0)
+    assert torch.allclose(shifted.logsnr(T), lam - 2 * math.log(2.0), atol=1e-12)
+    assert torch.allclose(shifted.alpha(T) ** 2, torch.sigmoid(lam - 2 * math.log(2.0)), atol=1e-15)
+    # Scale (blog, "DDIM is invariant to scaling"): α, σ and their derivatives times c, λ unchanged.
+    scaled, o = schedules.Scaled(bare, 3.0)(T), bare(T)
+    assert torch.equal(scaled.logsnr, o.logsnr)
+    for f in ("alpha", "sigma", "d_alpha", "d_sigma"):
+        assert torch.allclose(getattr(scaled, f), 3.0 * getattr(o, f), rtol=1e-14)
+
+    composed = schedules.Composed(bare, logsnr_min=-7.0, logsnr_max=9.0, shift=2.0, scale=lambda t: 1 + t)
+    assert torch.allclose(composed.logsnr(T), 9.0 - 16.0 * T - 2 * math.log(2.0), atol=1e-12)
+    assert torch.allclose(composed.alpha(T), (1 + T) * torch.sqrt(torch.sigmoid(composed.logsnr(T))))
+    for s in (bare, truncated, shifted, composed, schedules.Composed(bare, shift=0.5, scale="vp")):
+        assert_consistent(s)
+    assert repr(schedules.Composed(bare, logsnr_min=-7.0, shift=2.0, scale=2.0)) == (
+        "Composed(logsnr_min=-8.386, logsnr_max=8.614, shift=2.0, scale=2.0)"
+    )
+    with pytest.raises(ValueError, match="on a schedule scaled by 2.0"):
+        schedules.Scaled(schedules.Scaled(bare, 2.0), "vp")

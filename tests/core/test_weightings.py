@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from diffusionflow.core import predictions, proposals, schedules, weightings
+from diffusionflow.core import predictions, schedules, weightings
+from diffusionflow.core.components import component
 from diffusionflow.core.objective import Objective
 
 LAM = torch.linspace(-10, 10, 401, dtype=torch.float64)
@@ -85,8 +86,9 @@ def test_canonical_setup_equals_the_papers_plain_loss(f64, name):
     w = weightings.build(name)
     c = w.canonical()
     sched, plain = _paper_setup(name)
-    pred = predictions.build(c.prediction, **c.prediction_kwargs)
-    prop = proposals.build("canonical", weighting=w)
+    pred = component("prediction", "canonical", {"weighting": w})
+    assert (pred.name, type(pred)) == (c.prediction, predictions.PREDICTIONS[c.prediction])
+    prop = component("proposal", "canonical", {"weighting": w})
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 6, generator=g)
     weight = torch.randn(6, 6, generator=g)

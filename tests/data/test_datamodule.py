@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffusionflow.config import ConfigError
 from diffusionflow.data.toy2d import Toy2D
 from diffusionflow.lightning.datamodule import DiffusionDataModule, per_rank_batch_size
+from diffusionflow.paths import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONF = CONFIG_DIR / "data"
 ON_DISK = ["cifar10", "imagenet32", "imagenet64"]
 CONFIGS = ["toy2d", "moons", "rings", "checkerboard", "digits", "digits16", *ON_DISK]
 

@@ -1,4 +1,4 @@
-"""FIDCallback and the digits classifier: per-sample seeds, 1 vs 2 processes, keys, CSV, grid.
+"""FIDCallback and the digits classifier: per-sample seeds, 1 vs 2 processes, keys, CSV, mosaic.
 
 The DDP runs train the tiny digits UNet for 4 steps with lr = 0, so that one and two processes hold the
 same weights (two processes see other batches and noise, so trained weights would differ); N = 61 is
@@ -18,17 +18,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from diffusionflow.checkpoint import build_module
-from diffusionflow.lightning.fid_callback import (
-    FIDCallback,
-    format_count,
-    generate_batches,
-    metric_key,
-    nfe_of,
-    parse_samplers,
-    shard,
-)
+from diffusionflow.lightning.fid_callback import FIDCallback
 from diffusionflow.metrics.digits_classifier import DigitsClassifier
 from diffusionflow.metrics.extractors import to_uint8
+from diffusionflow.metrics.fid import format_count, metric_key
+from diffusionflow.metrics.generate import generate_batches, nfe_of, parse_samplers, shard
 from diffusionflow.train import train
 from train.conftest import compose_train
 
@@ -37,7 +31,7 @@ KEY = "fd_digits/61_heun5_ema"
 
 
 class RecordingFIDCallback(FIDCallback):
-    """Appends, per evaluation and rank, the indices this rank generated; notes each grid it logs."""
+    """Appends, per evaluation and rank, the indices this rank generated; notes each mosaic it logs."""
 
     def evaluate(self, trainer, pl_module):
         metrics = super().evaluate(trainer, pl_module)
@@ -47,9 +41,9 @@ class RecordingFIDCallback(FIDCallback):
                 f.write(json.dumps({"step": trainer.global_step, "indices": self.generated_indices}) + "\n")
         return metrics
 
-    def _log_grid(self, trainer, images):
-        super()._log_grid(trainer, images)
-        with (Path(trainer.default_root_dir) / "grids.txt").open("a") as f:
+    def _log_mosaic(self, trainer, images):
+        super()._log_mosaic(trainer, images)
+        with (Path(trainer.default_root_dir) / "mosaics.txt").open("a") as f:
             f.write(f"{trainer.global_step} {len(images)}\n")
 
 
@@ -136,7 +130,12 @@ def test_samples_do_not_depend_on_batching(sampler):
 
     def samples(indices, batch):
         return torch.cat(
-            [x for _, x in generate_batches(module, s, indices, (1, 8, 8), batch, seed_offset=7)]
+            [
+                x
+                for _, x in generate_batches(
+                    module, indices, shape=(1, 8, 8), batch_size=batch, seed_offset=7, sampler=s
+                )
+            ]
         )
 
     together = samples(range(10), 10)
@@ -186,7 +185,7 @@ def test_every_index_is_generated_once(runs):
 
 
 @pytest.mark.slow
-def test_keys_csv_and_grid(runs):
+def test_keys_csv_and_mosaic(runs):
     one = runs["one"]
     rows = _rows(one)
     assert rows[0]["seeds"] == "0-60" and rows[0]["weights"] == "ema"
@@ -201,15 +200,15 @@ def test_keys_csv_and_grid(runs):
     }
     metrics = json.loads((one / "metrics.json").read_text())
     assert metrics[KEY] == pytest.approx(float(rows[-1]["value"]), rel=1e-12)
-    assert (one / "samples_grid.png").is_file()
-    assert (one / "grids.txt").read_text().splitlines() == ["2 61"]  # once, at the first evaluation
+    assert (one / "samples_mosaic.png").is_file()
+    assert (one / "mosaics.txt").read_text().splitlines() == ["2 61"]  # once, at the first evaluation
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(one / "tensorboard")).Reload()
-    assert "samples_grid" in events.Tags()["images"]
+    assert "samples_mosaic" in events.Tags()["images"]
     assert [e.step for e in events.Scalars(KEY)] == [2, 4]
     two = runs["two"]
-    assert (two / "grids.txt").read_text().splitlines() == ["2 30"]  # rank 0 only, its own shard
+    assert (two / "mosaics.txt").read_text().splitlines() == ["2 30"]  # rank 0 only, its own shard
 
 
 def test_configs_compose_and_build(tmp_path, cache_dir, monkeypatch):

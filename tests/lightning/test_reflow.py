@@ -1,5 +1,6 @@
-"""Reflow: paired-noise training, deterministic cached pairs, the errors, and the claim itself on a tiny
-run: the child of a toy2d parent is straighter and better in one step."""
+"""Reflow: paired-noise training, deterministic cached pairs (``make_reflow_pairs``, read by the
+``ReflowPairs`` dataset), the errors, and the claim itself on a tiny run: the child of a toy2d parent is
+straighter and better in one step."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from diffusionflow.config import ConfigError
+import diffusionflow.reflow
+from diffusionflow.checkpoint import load_module
 from diffusionflow.core import predictions, proposals, samplers, schedules, weightings
-from diffusionflow.data.reflow import ReflowPairs
+from diffusionflow.data.reflow_pairs import ReflowPairs
+from diffusionflow.errors import ConfigError
 from diffusionflow.lightning.module import DiffusionModule
+from diffusionflow.metrics.generate import generate
 from diffusionflow.nn import MLP
+from diffusionflow.reflow import make_reflow_pairs
 from diffusionflow.train import train
 from train.conftest import compose_train
 
@@ -49,10 +54,10 @@ def child(parent, tmp_path_factory) -> tuple[Path, dict[str, float]]:
         [
             *TINY,
             "experiment=reflow_toy2d",
-            f"data.train_dataset.parent_ckpt={parent}",
-            "data.train_dataset.num_pairs=4096",
-            *(f"data.train_dataset.sampler.{k}={v}" for k, v in PAIRS.items()),
-            f"data.train_dataset.cache={out / 'pairs.npz'}",
+            f"data.train_dataset.pairs.parent_ckpt={parent}",
+            "data.train_dataset.pairs.num_pairs=4096",
+            *(f"data.train_dataset.pairs.sampler.{k}={v}" for k, v in PAIRS.items()),
+            f"data.train_dataset.pairs.cache={out / 'pairs.npz'}",
             "trainer.max_steps=300",
             "callbacks.reflow.num_samples=1024",
             "callbacks.reflow.straightness_steps=64",
@@ -61,9 +66,14 @@ def child(parent, tmp_path_factory) -> tuple[Path, dict[str, float]]:
     return out, metrics
 
 
-def _pairs(parent: Path, cache: Path, **kw: Any) -> ReflowPairs:
-    args = {"sampler": PAIRS, "num_pairs": 96, "batch_size": 64, "cache": str(cache)}
-    return ReflowPairs(str(parent), **{**args, **kw})
+def _pairs(parent: Path, cache: Path | None, **kw: Any) -> ReflowPairs:
+    args = {
+        "sampler": PAIRS,
+        "num_pairs": 96,
+        "batch_size": 64,
+        "cache": None if cache is None else str(cache),
+    }
+    return ReflowPairs(str(make_reflow_pairs(str(parent), **{**args, **kw})))
 
 
 def test_the_child_is_straighter_and_better_in_one_step(child):
@@ -71,6 +81,7 @@ def test_the_child_is_straighter_and_better_in_one_step(child):
     report = json.loads((out / "reflow.json").read_text())
     assert report["child"]["straightness"] < 0.5 * report["parent"]["straightness"]
     assert report["child"]["sliced_w2_1step"] < report["parent"]["sliced_w2_1step"]
+    assert report["pairs"]["cache"] == str(out / "pairs.npz")
     for name in ("child", "parent"):  # in metrics.json, through trainer.callback_metrics
         for key, value in report[name].items():
             assert metrics[f"reflow/{name}_{key}"] == pytest.approx(value, rel=1e-6)
@@ -89,14 +100,19 @@ def test_pairs_are_deterministic_and_cached(parent, tmp_path, monkeypatch):
     again = _pairs(parent, tmp_path / "b.npz", batch_size=50)
     torch.testing.assert_close(again.x, first.x, rtol=1e-5, atol=1e-6)
     assert torch.equal(again.noise, first.noise)
-    beside = ReflowPairs(str(parent), PAIRS, num_pairs=96)  # the default cache: named by the settings
-    assert beside.cache.parent == parent.parent and beside.cache.name.startswith("reflow_pairs_")
-    assert beside.cache.is_file() and torch.equal(beside.noise, first.noise)
+    beside = _pairs(parent, None)  # the default cache: named by the settings
+    assert beside.path.parent == parent.parent and beside.path.name.startswith("reflow_pairs_")
+    assert beside.path.is_file() and torch.equal(beside.noise, first.noise)
+    # pair i is the shared generator's sample i: seed i, the parent's EMA weights, the pairs' sampler
+    module = load_module(parent, "ema")
+    expected = generate(module, range(96), shape=(2,), batch_size=96, sampler=samplers.build(**PAIRS))
+    assert torch.equal(first.x, expected)
 
     def no_generation(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the cached pairs should have been reused")
 
-    monkeypatch.setattr(DiffusionModule, "generate", no_generation)
+    monkeypatch.setattr(diffusionflow.reflow, "generate", no_generation)
+    monkeypatch.setattr(diffusionflow.reflow, "load_module", no_generation)
     cached = _pairs(parent, tmp_path / "a.npz")
     assert torch.equal(cached.x, first.x) and torch.equal(cached.noise, first.noise)
     with pytest.raises(ConfigError, match=r"cache=.*a\.npz was made from another .*DPMSolverPP2M\(steps=12"):
@@ -117,14 +133,14 @@ def test_pairs_are_deterministic_and_cached(parent, tmp_path, monkeypatch):
 )
 def test_stochastic_samplers_are_refused_before_any_work(sampler, tmp_path):
     with pytest.raises(
-        ConfigError, match=r"data\.train_dataset\.sampler=.*fresh noise.*allowed: ddim \(eta=0\)"
+        ConfigError, match=r"data\.train_dataset\.pairs\.sampler=.*fresh noise.*allowed: ddim \(eta=0\)"
     ):
-        ReflowPairs(str(tmp_path / "never-read.ckpt"), sampler)
+        make_reflow_pairs(str(tmp_path / "never-read.ckpt"), sampler)
 
 
 def test_a_missing_parent_is_refused_with_the_command(tmp_path):
     with pytest.raises(ConfigError, match=r"parent_ckpt=.*no such checkpoint file.*experiment=reflow_toy2d"):
-        ReflowPairs(str(tmp_path / "missing.ckpt"), PAIRS)
+        make_reflow_pairs(str(tmp_path / "missing.ckpt"), PAIRS)
     cfg = compose_train(["experiment=reflow_toy2d"], tmp_path)
     try:
         with pytest.raises(ConfigError, match=r"parent_ckpt=null: .*`python -m diffusionflow\.train`"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from diffusionflow.nn import DIT_PRESETS, MLP, UNET_PRESETS, DiT, FourierEmbedding, UNet
+from diffusionflow.paths import CONFIG_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "backbone"
+CONF_DIR = CONFIG_DIR / "backbone"
 NUM_CLASSES = 3
 
 Factory = Callable[[int], nn.Module]

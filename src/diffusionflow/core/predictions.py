@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = ["EDM", "PREDICTIONS", "Eps", "Flow", "Prediction", "V", "X", "build"]
 
 LOGSNR_CLAMP = 60.0
@@ -141,11 +143,5 @@ class EDM(Prediction):
         return sigma * self.sigma_data / torch.sqrt(sigma**2 + alpha**2 * self.sigma_data**2)
 
 
-PREDICTIONS: dict[str, type[Prediction]] = {c.name: c for c in (Eps, X, V, Flow, EDM)}
-
-
-def build(name: str, **kwargs) -> Prediction:
-    """A prediction by name: ``eps``, ``x``, ``v``, ``flow``, ``edm`` (``sigma_data`` option)."""
-    if name not in PREDICTIONS:
-        raise ValueError(f"prediction={name!r} is unknown; allowed: {sorted(PREDICTIONS)}")
-    return PREDICTIONS[name](**kwargs)
+PREDICTIONS: Registry[Prediction] = Registry("prediction", Eps, X, V, Flow, EDM)
+build = PREDICTIONS.build

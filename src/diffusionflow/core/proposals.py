@@ -9,11 +9,13 @@ and gives ``log_prob(λ)``. Sampling is done in float64 and cast to the default 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import schedules
+from .registry import Registry
 from .weightings import Weighting
 
 __all__ = [
@@ -34,9 +36,11 @@ __all__ = [
 
 
 class Proposal:
-    """Base class: subclasses implement ``icdf(u)`` and ``log_prob(λ)``."""
+    """Base class: subclasses implement ``icdf(u)`` and ``log_prob(λ)``. ``needs`` names the run's
+    components a subclass takes as arguments (``core.components.build`` supplies them)."""
 
     name = "proposal"
+    needs: tuple[str, ...] = ()
 
     def __init__(self, stratified: bool = False) -> None:
         self.stratified = bool(stratified)
@@ -62,9 +66,11 @@ class Proposal:
 
 
 class UniformT(Proposal):
-    """t ~ U(0, 1) under a schedule: λ = λ_t, p(λ) = 1/|dλ/dt| (K&G Eq. 7)."""
+    """t ~ U(0, 1) under a schedule: λ = λ_t, p(λ) = 1/|dλ/dt| (K&G Eq. 7). Without a schedule of its
+    own (``schedule: null`` in ``conf/proposal/uniform_t.yaml``) it takes the run's."""
 
     name = "uniform_t"
+    needs = ("schedule",)
 
     def __init__(
         self, schedule: schedules.Schedule | str = "cosine", stratified: bool = False, **kwargs
@@ -242,6 +248,7 @@ class WeightingProposal(Binned):
     """p ∝ w on a grid of bins (so w/p is nearly constant: every noise level costs the same)."""
 
     name = "weighting"
+    needs = ("weighting",)
 
     def __init__(
         self,
@@ -256,25 +263,18 @@ class WeightingProposal(Binned):
         self.set_masses(weighting(self.centres))
 
 
-class Adaptive(Binned):
+class Adaptive(WeightingProposal):
     """Kingma & Gao's adaptive noise schedule (2023, §5 and App. F): p(λ) ∝ w(λ) E[‖ε̂ − ε‖² | λ],
-    estimated per bin by an exponential moving average of the ε-MSE seen in training."""
+    estimated per bin by an exponential moving average (``decay``) of the ε-MSE seen in training;
+    before any training it is p ∝ w. Options as for ``WeightingProposal``, 100 bins by default."""
 
     name = "adaptive"
 
-    def __init__(
-        self,
-        weighting: Weighting,
-        logsnr_min: float = -15.0,
-        logsnr_max: float = 15.0,
-        bins: int = 100,
-        decay: float = 0.999,
-        stratified: bool = False,
-    ) -> None:
-        super().__init__(logsnr_min, logsnr_max, bins, stratified)
+    def __init__(self, weighting: Weighting, bins: int = 100, decay: float = 0.999, **options: Any) -> None:
         if not 0 <= decay < 1:
             raise ValueError(f"proposal adaptive: decay={decay} must be in [0, 1)")
-        self.weighting, self.decay = weighting, float(decay)
+        super().__init__(weighting, bins=bins, **options)
+        self.decay = float(decay)
         self.loss_ema = torch.ones(self.bins, dtype=torch.float64)
         self._refresh()
 
@@ -304,25 +304,7 @@ class Adaptive(Binned):
         self._refresh()
 
 
-PROPOSALS: dict[str, type[Proposal]] = {
-    c.name: c
-    for c in (UniformT, LogitNormal, LogNormal, UniformLogSNR, CosMap, Mode, WeightingProposal, Adaptive)
-}
-
-
-def build(name: str, weighting: Weighting | None = None, **kwargs) -> Proposal:
-    """A proposal by name. ``canonical`` resolves to ``weighting.canonical()``'s proposal; the
-    ``weighting`` and ``adaptive`` proposals use ``weighting``. Extra options override."""
-    if name == "canonical":
-        if weighting is None:
-            raise ValueError("proposal=canonical needs the weighting it belongs to")
-        c = weighting.canonical()
-        name, kwargs = c.proposal, {**c.proposal_kwargs, **kwargs}
-    if name not in PROPOSALS:
-        raise ValueError(f"proposal={name!r} is unknown; allowed: {sorted([*PROPOSALS, 'canonical'])}")
-    cls = PROPOSALS[name]
-    if issubclass(cls, WeightingProposal | Adaptive):
-        if weighting is None:
-            raise ValueError(f"proposal={name!r} needs a weighting")
-        return cls(weighting, **kwargs)
-    return cls(**kwargs)
+PROPOSALS: Registry[Proposal] = Registry(
+    "proposal", UniformT, LogitNormal, LogNormal, UniformLogSNR, CosMap, Mode, WeightingProposal, Adaptive
+)
+build = PROPOSALS.build

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .registry import Registry
 from .schedules import Schedule
 
 __all__ = [
@@ -306,27 +307,42 @@ class EDMSampler(Sampler):
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = float(S_churn), S_tmin, S_tmax, float(S_noise)
 
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
-        n = len(lv.t) - 1
-        for i in range(n):
-            t_cur, a_cur, sig_cur = lv.t[i], lv.alpha[i], lv.sigma[i]
-            s_cur, s_next = sig_cur / a_cur, lv.sigma[i + 1] / lv.alpha[i + 1]
-            gamma = min(self.S_churn / n, math.sqrt(2) - 1) if self.S_tmin <= s_cur <= self.S_tmax else 0.0
-            if gamma > 0 and torch.isfinite(s_cur):
-                s_hat = s_cur * (1 + gamma)
-                z_tilde = z / a_cur + torch.sqrt(s_hat**2 - s_cur**2) * self.S_noise * noise()
-                t_cur = lv.sched.t_of_logsnr(-2 * torch.log(s_hat))
-                o = lv.sched(t_cur)
-                a_cur, sig_cur, s_cur = o.alpha, o.sigma, s_hat
-                z = a_cur * z_tilde
-            x_hat = denoise(z, t_cur)
-            d = eps_from_x(z, x_hat, a_cur, sig_cur)
-            z_tilde = x_hat + s_next * d  # the Euler step on z̃ from σ̃ = s_cur: the DDIM step
-            if s_next > 0 and torch.isfinite(s_cur):
-                z_next = lv.alpha[i + 1] * z_tilde
-                d_next = eps_from_x(z_next, denoise(z_next, lv.t[i + 1]), lv.alpha[i + 1], lv.sigma[i + 1])
-                z_tilde = z_tilde + 0.5 * (s_next - s_cur) * (d_next - d)
-            z = lv.alpha[i + 1] * z_tilde
-        return z
+        """Alg. 2 in EDM's symbols: noise levels t_i = σ̃_i, states x_i = z̃_i, D(x; t) the x̂ there."""
+        N = len(lv.t) - 1
+        t_steps = lv.sigma / lv.alpha  # t_0 = ∞ where α_0 = 0; t_N = 0 on a grid that ends at data
+
+        def D(x: Tensor, t: Tensor, i: int | None = None) -> Tensor:
+            """D_θ(x; t) by our denoiser at z = α x and our time of σ̃ = t: grid point i, else λ = −2 log t."""
+            if i is None:
+                time = lv.sched.t_of_logsnr(-2 * torch.log(t))
+                return denoise(lv.sched(time).alpha * x, time)
+            return denoise(lv.alpha[i] * x, lv.t[i])
+
+        # Line 2: x_0 ~ N(0, t_0² I) arrives as z_0 = σ_0 ε; x_0 = z_0/α_0.
+        if torch.isinf(t_steps[0]):
+            # α_0 = 0: x_0 = ∞ ε. Lines 7-8 tend to x_1 = D + t_1 ε, the DDIM step; no noise, no correction.
+            x, first = denoise(z, lv.t[0]) + t_steps[1] * (z / lv.sigma[0]), 1
+        else:
+            x, first = z / lv.alpha[0], 0
+        for i in range(first, N):  # line 3
+            t_cur, t_next = t_steps[i], t_steps[i + 1]
+            gamma = min(self.S_churn / N, math.sqrt(2) - 1) if self.S_tmin <= t_cur <= self.S_tmax else 0.0
+            t_hat, x_hat = t_cur, x
+            if gamma > 0:
+                eps = self.S_noise * noise()  # line 4: ε_i ~ N(0, S_noise² I), drawn only where γ_i > 0
+                t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level to t̂_i
+                x_hat = x + torch.sqrt(t_hat**2 - t_cur**2) * eps  # line 6: add noise from t_i to t̂_i
+            denoised = D(x_hat, t_hat, None if gamma > 0 else i)
+            d = (x_hat - denoised) / t_hat  # line 7: dx/dt at t̂_i
+            # Line 8, x̂_i + (t_{i+1} − t̂_i) d_i, written D + t_{i+1} d_i (the DDIM step): equal, and exact
+            # at t_{i+1} = 0 where the literal form cancels two terms of size x̂_i in float32.
+            x_next = denoised + t_next * d
+            if t_next != 0:  # line 9
+                d_prime = (x_next - D(x_next, t_next, i + 1)) / t_next  # line 10: dx/dt at t_{i+1}
+                # Line 11, x̂_i + (t_{i+1} − t̂_i)(½ d_i + ½ d'_i), as line 8's point plus the correction.
+                x_next = x_next + 0.5 * (t_next - t_hat) * (d_prime - d)
+            x = x_next
+        return lv.alpha[N] * x  # line 14: z_N = α_N x_N
 
 
 class Heun(EDMSampler):
@@ -423,13 +439,7 @@ class Churn(Sampler):
         return z
 
 
-SAMPLERS: dict[str, type[Sampler]] = {
-    c.name: c for c in (DDIM, DDPM, Euler, Heun, EDMSampler, DPMSolverPP2M, SDE, Churn)
-}
-
-
-def build(name: str, **kwargs) -> Sampler:
-    """A sampler by name: ddim, ddpm, euler, heun, edm, dpmpp_2m, sde, churn."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler={name!r} is unknown; allowed: {sorted(SAMPLERS)}")
-    return SAMPLERS[name](**kwargs)
+SAMPLERS: Registry[Sampler] = Registry(
+    "sampler", DDIM, DDPM, Euler, Heun, EDMSampler, DPMSolverPP2M, SDE, Churn
+)
+build = SAMPLERS.build

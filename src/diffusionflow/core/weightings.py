@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = [
     "EDM",
     "ELBO",
@@ -198,13 +200,7 @@ class MinSNR(Weighting):
         return Canonical("cosine", "eps", "uniform_t", proposal_kwargs={"schedule": "cosine"})
 
 
-WEIGHTINGS: dict[str, type[Weighting]] = {
-    c.name: c for c in (ELBO, IDDPM, EDM, SD3, FlowWeighting, CosineV, Sigmoid, MinSNR)
-}
-
-
-def build(name: str, **kwargs) -> Weighting:
-    """A weighting by name: elbo, iddpm, edm, sd3, flow, cosine_v, sigmoid, min_snr."""
-    if name not in WEIGHTINGS:
-        raise ValueError(f"weighting={name!r} is unknown; allowed: {sorted(WEIGHTINGS)}")
-    return WEIGHTINGS[name](**kwargs)
+WEIGHTINGS: Registry[Weighting] = Registry(
+    "weighting", ELBO, IDDPM, EDM, SD3, FlowWeighting, CosineV, Sigmoid, MinSNR
+)
+build = WEIGHTINGS.build

@@ -5,7 +5,7 @@ y an int64 class index (0 for unlabeled data), and exposes ``shape`` and ``num_c
 from .cifar10 import CIFAR10
 from .digits import Digits
 from .imagenet import ImageNetFolder, ImageNetNpz, imagenet_dataset
-from .reflow import ReflowPairs
+from .reflow_pairs import ReflowPairs
 from .toy2d import Toy2D, mixture
 
 __all__ = [

@@ -5,16 +5,47 @@ Lightning keeps the averaged weights in the checkpoint's ``state_dict`` and the 
 continues from the raw ones. We add EDM's parameterisation by a half-life in images (Karras et al.
 2022, App. F.2; ``training_loop.py``): per step β = 0.5^(B / h) with B the global batch, and the
 optional ramp-up h ← min(h, ramp · images seen).
+
+Other callbacks reach the two sets of weights through this module only, whatever the order of
+``trainer.callbacks``:
+
+* :func:`averaged_model`: the averaged copy (the EMA weights), a module of its own that is correct
+  before and after Lightning's end-of-training copy into the LightningModule. It is the one place that
+  touches Lightning's private ``_average_model``.
+* :func:`raw_weights`: the LightningModule with the raw (trained) weights, also after ``EMA`` replaced
+  them by the averaged ones at ``on_train_end`` (``EMA`` keeps what it replaced).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "averaged_model", "raw_weights"]
+
+
+def averaged_model(callback: WeightAveraging) -> nn.Module:
+    """The averaged copy of the weights that ``callback`` maintains (the EMA model), unwrapped: a module
+    separate from the LightningModule, updated by the callback after each step. Lightning offers no public
+    accessor, so this adapter reads its private ``_average_model.module`` (Lightning 2.6); a Lightning
+    without it fails here, loudly, rather than measuring the wrong weights."""
+    average = getattr(callback, "_average_model", AttributeError)
+    if average is AttributeError or (average is not None and not hasattr(average, "module")):
+        raise RuntimeError(
+            f"lightning {lightning_version}: WeightAveraging no longer keeps its averaged model in "
+            "_average_model.module; update diffusionflow.lightning.ema.averaged_model for this version"
+        )
+    if average is None:
+        raise RuntimeError(
+            f"{type(callback).__name__} has no averaged model yet: it is created in setup(stage='fit')"
+        )
+    return average.module
 
 
 class EMA(WeightAveraging):
@@ -41,15 +72,22 @@ class EMA(WeightAveraging):
         self.half_life_images, self.decay, self.rampup_ratio = half_life_images, decay, rampup_ratio
         self.update_every_n_steps = update_every_n_steps
         self.images_per_update = 1.0
+        self.replaced_raw: dict[str, Tensor] | None = None
+        """The raw weights that ``on_train_end`` replaced by the averaged ones (None before)."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.replaced_raw = None
         per_rank = getattr(trainer.datamodule, "per_rank_batch_size", None) if trainer.datamodule else None
         if per_rank is None and trainer.datamodule is not None:
             trainer.datamodule.setup(stage)
             per_rank = trainer.datamodule.per_rank_batch_size
         global_batch = (per_rank or 1) * trainer.world_size * trainer.accumulate_grad_batches
         self.images_per_update = float(global_batch * self.update_every_n_steps)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.replaced_raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
 
     def beta(self, updates_done: int) -> float:
         """The decay of the next update, after ``updates_done`` updates."""
@@ -65,3 +103,21 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+
+@contextmanager
+def raw_weights(callback: WeightAveraging | None, pl_module: LightningModule) -> Iterator[LightningModule]:
+    """``pl_module`` with its raw (trained) weights. During training that is ``pl_module`` as it is; after
+    :class:`EMA` replaced them at ``on_train_end``, its kept raw weights are loaded for the duration of the
+    ``with`` block and the averaged ones put back afterwards. (Lightning's own ``WeightAveraging`` keeps
+    nothing: after its end-of-training copy ``pl_module`` holds the averaged weights.)"""
+    kept = getattr(callback, "replaced_raw", None)
+    if kept is None:
+        yield pl_module
+        return
+    averaged = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+    pl_module.load_state_dict(kept)
+    try:
+        yield pl_module
+    finally:
+        pl_module.load_state_dict(averaged)

@@ -27,7 +27,7 @@ from torch.nn.functional import cross_entropy, interpolate, pad
 
 from diffusionflow.data.digits import Digits
 from diffusionflow.metrics.extractors import FeatureExtractor, to_uint8
-from diffusionflow.paths import PROJECT_ROOT
+from diffusionflow.paths import root_dir
 
 __all__ = ["CACHE_ENV", "DigitsClassifier", "default_cache_dir"]
 
@@ -43,9 +43,9 @@ LR = 2e-3
 
 
 def default_cache_dir() -> Path:
-    """``$DIFFUSIONFLOW_CACHE`` if set, else ``<project root>/.cache/diffusionflow`` (the configs'
-    ``${paths.root_dir}/.cache/diffusionflow``)."""
-    return Path(os.environ.get(CACHE_ENV) or PROJECT_ROOT / ".cache" / "diffusionflow")
+    """``$DIFFUSIONFLOW_CACHE`` if set, else ``<root>/.cache/diffusionflow`` with the root of
+    :func:`diffusionflow.paths.root_dir` (the configs' ``${paths.root_dir}/.cache/diffusionflow``)."""
+    return Path(os.environ.get(CACHE_ENV) or root_dir() / ".cache" / "diffusionflow")
 
 
 class _CNN(nn.Module):

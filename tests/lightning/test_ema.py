@@ -1,0 +1,101 @@
+"""The EMA adapter: the one place that reads Lightning's private averaged model. These tests fail loudly
+when a Lightning upgrade moves it or changes what it holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, Trainer
+
+from diffusionflow.checkpoint import build_module
+from diffusionflow.lightning.ema import EMA, averaged_model, raw_weights
+from train.conftest import compose_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DECAY, STEPS = 0.8, 4
+
+
+class RawRecorder(Callback):
+    """The raw backbone weights after every optimizer step (EMA does not touch them during training)."""
+
+    def __init__(self) -> None:
+        self.raw: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.raw.append({k: v.detach().clone() for k, v in pl_module.backbone.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ema")
+    cfg = compose_train(["data.batch_size=64"], out)
+    GlobalHydra.instance().clear()
+    module, datamodule = build_module(cfg), instantiate(cfg.data)
+    ema, recorder = EMA(decay=DECAY), RawRecorder()
+    averaged: dict[str, torch.Tensor] = {}
+
+    class BeforeEnd(Callback):
+        """The adapter's weights during training, before the end-of-training copy."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == STEPS:
+                averaged.update({k: v.clone() for k, v in averaged_model(ema).backbone.state_dict().items()})
+
+    trainer = Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        callbacks=[recorder, ema, BeforeEnd()],  # the recorder before the EMA: order must not matter
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return module, ema, recorder.raw, averaged
+
+
+def _ema_of(raw: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """e_1 = w_1, e_k = β e_(k−1) + (1 − β) w_k."""
+    out = dict(raw[0])
+    for weights in raw[1:]:
+        out = {k: torch.lerp(weights[k], out[k], DECAY) for k in out}
+    return out
+
+
+def test_averaged_model_is_the_ema_of_the_raw_weights(fitted):
+    module, ema, raw, averaged = fitted
+    assert len(raw) == STEPS
+    model = averaged_model(ema)
+    assert model is not module and type(model) is type(module)
+    expected = _ema_of(raw)
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key], value, rtol=1e-6, atol=1e-7)  # during training
+        torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=1e-6, atol=1e-7)  # after
+    assert any(not torch.equal(expected[k], raw[-1][k]) for k in expected)  # EMA ≠ raw
+
+
+def test_train_end_copy_keeps_the_raw_weights(fitted):
+    """After fit the module holds the averaged weights; ``raw_weights`` puts the raw ones back meanwhile."""
+    module, ema, raw, _ = fitted
+    expected = _ema_of(raw)
+    for key, value in expected.items():
+        torch.testing.assert_close(module.backbone.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    with raw_weights(ema, module) as current:
+        assert current is module
+        for key, value in raw[-1].items():
+            assert torch.equal(module.backbone.state_dict()[key], value)
+    for key, value in expected.items():  # restored
+        torch.testing.assert_close(module.backbone.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_lightning_without_the_attribute_fails_loudly():
+    moved = EMA(decay=DECAY)
+    del moved._average_model
+    with pytest.raises(RuntimeError, match=r"lightning 2\.\d+.*_average_model\.module"):
+        averaged_model(moved)
+    with pytest.raises(RuntimeError, match="no averaged model yet"):
+        averaged_model(EMA(decay=DECAY))
