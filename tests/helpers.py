@@ -8,8 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 from diffusionflow.core.oracle import GaussianMixture
+from diffusionflow.metrics import FeatureExtractor
 
 
 def make_mixture(dim: int = 2, components: int = 3, seed: int = 0) -> GaussianMixture:
@@ -32,3 +34,14 @@ def load_script(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+class MeanStd(FeatureExtractor):
+    """Per-channel mean and standard deviation of the pixels: 6 features."""
+
+    name = "mean-std"
+    feature_dim = 6
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.double() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)

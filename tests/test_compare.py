@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -239,3 +240,69 @@ def test_console_script_exits_0(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         sys.exit(cli())
     assert exc.value.code is None and "train/loss" in capsys.readouterr().out
+
+
+def _age(path: Path, seconds_ago: float) -> None:
+    """Sets ``path``'s modification time ``seconds_ago`` seconds in the past."""
+    t = path.stat().st_mtime - seconds_ago
+    os.utime(path, (t, t))
+
+
+@pytest.mark.parametrize(
+    ("ages", "status"),
+    [
+        ({"error.log": 60, "metrics.json": 0}, "done"),  # re-run successfully: the error.log is stale
+        ({"metrics.json": 60, "error.log": 0}, "failed"),  # finished once, failed when re-run
+        ({"metrics.json": 60, "error.log": 30, "interrupted": 0}, "interrupted"),
+        ({"interrupted": 60, "metrics.json": 0}, "done"),  # resumed after the interruption and finished
+        ({"interrupted": 0}, "interrupted"),
+    ],
+)
+def test_the_newest_outcome_of_a_job_counts(tmp_path, capsys, ages, status):
+    write_job(tmp_path / "0", ["weighting=flow", "seed=0"], {"seed": 0}, {"final/sliced_w2": 0.1})
+    job = tmp_path / "1"
+    write_job(job, ["weighting=flow", "seed=1"], {"seed": 1}, {"final/sliced_w2": 0.3})
+    (job / "metrics.json").unlink()
+    for name in ages:
+        (job / name).write_text('{"final/sliced_w2": 0.3}' if name == "metrics.json" else "x")
+    for name, seconds in ages.items():
+        _age(job / name, seconds)
+    rows = main([str(tmp_path)])
+    assert [j.status for j in rows[0].jobs] == ["done", status]
+    assert (rows[0].n, rows[0].count(status)) == ((2, 2) if status == "done" else (1, 1))
+    assert rows[0].mean_std("final/sliced_w2")[0] == pytest.approx(0.2 if status == "done" else 0.1)
+    if status != "done":
+        assert f"| `all` | 1 (1 {status}) |" in capsys.readouterr().out
+        with (tmp_path / "comparison" / "comparison.csv").open() as f:
+            assert next(csv.DictReader(f))[status] == "1"
+
+
+def test_unreadable_files_are_named_and_the_table_built_from_the_rest(tmp_path, caplog, capsys, monkeypatch):
+    for n, value in enumerate((0.1, 0.2, 0.3, 0.4)):
+        series = [{"step": 1, "toy/sliced_w2": value}, {"step": 2, "toy/sliced_w2": value / 2}]
+        write_job(tmp_path / str(n), [f"seed={n}"], {"seed": n}, {"final/sliced_w2": value}, series)
+    broken = {
+        tmp_path / "1" / "metrics.json": '{"final/sliced_w2": 0.',  # truncated mid-write
+        tmp_path / "2" / "csv" / "metrics.csv": "step,toy/sliced_w2\n1,0.3\n2,abc\n",
+        tmp_path / "3" / ".hydra" / "config.yaml": "seed: [0\n",
+    }
+    for path, text in broken.items():
+        path.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["df-compare", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(cli())
+    assert exc.value.code is None  # a table was built: exit status 0
+    printed = capsys.readouterr().out
+    text = (tmp_path / "comparison" / "comparison.md").read_text()
+    for path in broken:
+        assert f"unreadable: {path}: " in printed and f"unreadable: {path}: " in text
+        assert any(
+            f"unreadable: {path}: " in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+        )
+    assert f"unreadable: {tmp_path / '1' / 'metrics.json'}: JSONDecodeError" in text
+    assert "| `all` | 3 (1 unreadable) |" in printed
+    rows = summarize(find_jobs(tmp_path), ["final/sliced_w2"])
+    assert rows[0].mean_std("final/sliced_w2")[0] == pytest.approx((0.1 + 0.3 + 0.4) / 3)
+    # the unreadable metrics.csv of job 2 is left out of the curves; the others are all there
+    curves = step_curves(rows, "toy/sliced_w2")["all"]
+    assert curves[1] == pytest.approx([(0.1 + 0.2 + 0.4) / 3, (0.05 + 0.1 + 0.2) / 3])

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from diffusionflow.compare import main as compare_main
 from diffusionflow.evaluate import main
 from diffusionflow.metrics.extractors import WEIGHTS_FILENAME, save_random_inception_weights
+from diffusionflow.metrics.images import save_png_folder
 from diffusionflow.train import train
 from train.conftest import compose_train
 
@@ -292,3 +294,102 @@ def test_prefetch_prints_where_the_file_went(tmp_path, monkeypatch, capsys):
     main(["prefetch", "--dest", str(tmp_path)])
     assert capsys.readouterr().out.strip() == str(tmp_path / WEIGHTS_FILENAME)
     assert (tmp_path / WEIGHTS_FILENAME).read_bytes() == b"w"
+
+
+def _pngs(folder: Path, sizes: list[int]) -> list[Path]:
+    """One random RGB PNG per entry of ``sizes`` (square, that many pixels a side), named 000.png, …"""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(len(sizes))
+    paths = []
+    for i, size in enumerate(sizes):
+        images = torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8)
+        paths += save_png_folder(images, folder, start=i)
+    return paths
+
+
+def _sets_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sets", *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_sets_check_every_image_size_before_extraction(image_sets, tmp_path, capsys):
+    """Each batch of 2 has one size (the old per-batch check passed); the set has two. The missing
+    weights file shows that nothing was loaded: the size scan comes first."""
+    mixed = _pngs(tmp_path / "mixed", [16, 16, 8, 8, 8])
+    missing = str(tmp_path / "w.pth")
+    err = _sets_error(
+        [
+            str(tmp_path / "mixed"),
+            str(image_sets["a"]),
+            "--fid",
+            "--batch-size",
+            "2",
+            "--inception-weights",
+            missing,
+        ],
+        capsys,
+    )
+    assert err == (
+        f"error: {tmp_path / 'mixed'}: images of 2 sizes (height x width): 8x8 (3 images, e.g. {mixed[2]}), "
+        f"16x16 (2 images, e.g. {mixed[0]}); a set must have one size\n"
+    )
+
+
+def test_sets_of_different_sizes_need_a_flag(image_sets, tmp_path, capsys, caplog, monkeypatch):
+    """Refused by default although Inception resizes both to 299; ``--allow-size-mismatch`` proceeds
+    with a warning. (The network and features are stubbed: what is tested is which sets reach
+    extraction.)"""
+    extracted = []
+
+    def features(net, source, batch_size):
+        extracted.append(Path(source))
+        n = {image_sets["a"]: 5, big: 4}[Path(source)]
+        return torch.randn(n, net.feature_dim, dtype=torch.float64), torch.randn(n, 1008)
+
+    monkeypatch.setattr("diffusionflow.evaluate._features", features)
+    net = SimpleNamespace(feature_dim=8, name="stub")  # Inception takes ~10 s to build on a CPU
+    monkeypatch.setattr("diffusionflow.evaluate._inception", lambda weights, device: net)
+    big = tmp_path / "big.npz"
+    images = torch.randint(
+        0, 256, (4, 32, 32, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
+    np.savez(big, samples=images.numpy())
+    a, weights = str(image_sets["a"]), str(image_sets["weights"])
+    err = _sets_error([a, str(big), "--fid", "--inception-weights", weights], capsys)
+    assert f"INPUT1 {a} holds 16x16 images and INPUT2 {big} 32x32 (height x width)" in err
+    assert "pass --allow-size-mismatch to compare them anyway" in err and not extracted
+    # IS reads INPUT1 only: the size of INPUT2 does not matter
+    main(["sets", a, str(big), "--isc", "--isc-splits", "2", "--inception-weights", weights])
+    assert extracted == [image_sets["a"]] and not caplog.records
+    result = main(["sets", a, str(big), "--fid", "--allow-size-mismatch", "--inception-weights", weights])
+    assert extracted[1:] == [image_sets["a"], big] and math.isfinite(result["frechet_inception_distance"])
+    assert [r.getMessage() for r in caplog.records if "compared anyway" in r.getMessage()] == [
+        f"INPUT1 {a} holds 16x16 images and INPUT2 {big} 32x32 (height x width): compared anyway "
+        "(--allow-size-mismatch), each resized by the extractor"
+    ]
+
+
+def test_sets_name_an_unreadable_file(image_sets, tmp_path, capsys):
+    weights = ["--fid", "--inception-weights", str(image_sets["weights"])]
+    paths = _pngs(tmp_path / "garbage", [16, 16, 16])
+    paths[1].write_bytes(b"not a png at all")
+    err = _sets_error([str(tmp_path / "garbage"), str(image_sets["a"]), *weights], capsys)
+    assert err.startswith(f"error: {paths[1]}: not a readable image (UnidentifiedImageError: ")
+    # a header that reads but pixels that do not: named when the pixels are read
+    paths = _pngs(tmp_path / "truncated", [16, 16, 16])
+    paths[2].write_bytes(paths[2].read_bytes()[:100])
+    err = _sets_error([str(tmp_path / "truncated"), str(image_sets["a"]), *weights], capsys)
+    assert err.startswith(f"error: {paths[2]}: not a readable image (OSError: ")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    err = _sets_error([str(tmp_path / "broken.npz"), str(image_sets["a"]), *weights], capsys)
+    assert err.startswith(f"error: {tmp_path / 'broken.npz'}: not a readable .npz (")
+
+
+def test_a_device_that_is_not_there_is_refused(image_sets, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    a, weights = str(image_sets["a"]), str(image_sets["weights"])
+    err = _sets_error([a, a, "--fid", "--inception-weights", weights, "--device", "cuda"], capsys)
+    assert err == "error: --device=cuda: no CUDA device is available; allowed: cpu\n"

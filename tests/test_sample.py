@@ -193,16 +193,21 @@ def checkpoints(ckpt, conditional_ckpt, tmp_path_factory) -> dict[str, Path]:
         ([], "ckpt_path=None and oracle=None"),
         (["ckpt_path={ckpt}", "oracle=blog"], "ckpt_path=.*last.ckpt and oracle=blog"),
         (["oracle=moons"], "oracle='moons' has no exact denoiser; allowed: \\['blog', 'eight', 'grid'\\]"),
-        (["oracle=blog", "num_samples=0"], "num_samples=0 must be >= 1"),
-        (["oracle=blog", "batch_size=0"], "batch_size=0 must be >= 1"),
-        (["oracle=blog", "seed=-1"], "seed=-1 must be >= 0"),
+        (["oracle=blog", "num_samples=0"], "num_samples=0: expected an integer >= 1"),
+        (["oracle=blog", "num_samples=abc"], "num_samples='abc': expected an integer >= 1"),
+        (["oracle=blog", "batch_size=0"], "batch_size=0: expected an integer >= 1"),
+        (["oracle=blog", "batch_size=2.5"], "batch_size=2.5: expected an integer >= 1"),
+        (["oracle=blog", "seed=-1"], "seed=-1: expected an integer >= 0"),
+        (["oracle=blog", "seed=true"], "seed=True: expected an integer >= 0"),
         (["oracle=blog", "weights=best"], "weights='best' is unknown; allowed: \\['ema', 'raw'\\]"),
         (["oracle=blog", "guidance=2.0"], "guidance=2.0 needs a class-conditional model"),
         (["ckpt_path={ckpt}", "guidance=2.0"], "guidance=2.0 needs a class-conditional model"),
         (["ckpt_path={ckpt}", "labels=[1]"], "labels=\\[1\\] needs a class-conditional model"),
         (["ckpt_path={cond}", "weights=raw", "labels=[10]"], "labels=\\[10\\] must be class indices"),
         (["oracle=blog", "sampler=ddim", "+sampler.stpes=4"], "unknown options \\['stpes'\\]"),
-        (["ckpt_path={ckpt}", "sampler.steps=0"], "steps=0 must be >= 1"),
+        (["ckpt_path={ckpt}", "sampler.steps=0"], "sampler.steps=0: expected an integer >= 1"),
+        (["oracle=blog", "sampler.steps=1.5"], "sampler.steps=1.5: expected an integer >= 1"),
+        (["oracle=blog", "guidance=abc"], "guidance='abc': expected a number or null"),
         (["ckpt_path={ckpt}", "schedule=cosine"], "schedule=cosine: schedule is for oracle= only"),
         (["oracle=blog", "schedule=canonical"], "schedule=canonical means a weighting's schedule"),
         (["ckpt_path={ckpt}", "device=gpu0"], "device='gpu0'"),
@@ -215,6 +220,27 @@ def test_bad_input_fails_before_sampling(checkpoints, tmp_path, overrides, match
     with pytest.raises(ConfigError, match=match):
         sample(compose_sample([f"out_dir={out_dir}", *(o.format(**checkpoints) for o in overrides)]))
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "count", "match"),
+    [
+        ("cuda", 0, r"^device=cuda: no CUDA device is available; allowed: cpu$"),
+        ("cuda:0", 0, r"^device=cuda:0: no CUDA device is available; allowed: cpu$"),
+        ("cuda:3", 1, r"^device=cuda:3: this machine has 1 CUDA device; allowed: cpu, cuda, cuda:0$"),
+    ],
+)
+def test_a_device_that_is_not_there_fails_before_loading(ckpt, tmp_path, monkeypatch, device, count, match):
+    """Before: ``device=cuda`` without a GPU reached ``torch.load(map_location=cuda)`` and its traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    loaded = []
+    monkeypatch.setattr("diffusionflow.sample.load_module", lambda *a, **k: loaded.append(a))
+    out_dir = tmp_path / "out"
+    with pytest.raises(ConfigError, match=match):
+        sample(compose_sample([f"out_dir={out_dir}", f"ckpt_path={ckpt}", f"device={device}"]))
+    assert not loaded and not out_dir.exists()
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):

@@ -16,13 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusionflow.config import build_components, instantiate_checked
 from diffusionflow.errors import ConfigError
+from diffusionflow.lightning.checkpoint_io import check_local_path, read_checkpoint
 from diffusionflow.lightning.module import DiffusionModule
 
-__all__ = ["WEIGHTS", "build_module", "check_weights", "load_module"]
+__all__ = ["WEIGHTS", "build_module", "check_ckpt_path", "check_weights", "load_module"]
 
 WEIGHTS = ("ema", "raw")
 RAW_KEY = "current_model_state"
 BACKBONE = "backbone."
+
+
+def check_ckpt_path(path: str | Path | None) -> None:
+    """A ``ConfigError`` when ``ckpt_path`` is a URL (or a Lightning registry name), before any work:
+    checkpoints are read from local files only, with ``torch.load(weights_only=True)``
+    (:func:`~diffusionflow.lightning.checkpoint_io.read_checkpoint`). ``None`` (no resume) passes."""
+    if path is not None:
+        check_local_path(path, "ckpt_path")
 
 
 def check_weights(weights: str) -> None:
@@ -70,12 +79,13 @@ def load_module(
 ) -> DiffusionModule:
     """The module of checkpoint ``path`` with its ``weights`` (``ema`` or ``raw``), in eval mode on
     ``map_location``. ``sampler`` (a ``conf/sampler`` node) replaces the run's sampler and is checked
-    against its schedule and prediction as in training."""
+    against its schedule and prediction as in training. The file is read with
+    :func:`~diffusionflow.lightning.checkpoint_io.read_checkpoint`: local files only, ``weights_only``,
+    and a ``ConfigError`` naming the file for anything that is not a checkpoint."""
+    check_ckpt_path(path)  # before Path(), which would make "http://x" the local "http:/x"
     path = Path(path)
     check_weights(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_checkpoint(path, map_location=map_location)
     config = ckpt.get("hyper_parameters", {}).get("config")
     if not config:
         raise ConfigError(

@@ -2,9 +2,12 @@
 diffusionflow.compare``).
 
 One row per configuration (the job's command-line overrides, seeds left out) with each final metric as
-mean ± standard deviation over its seeds (sample std, ddof = 1) and the number of seeds; failed jobs
-(an ``error.log``) and unfinished ones (no ``metrics.json`` yet) are counted, never averaged.
-Written to ``<out>/``:
+mean ± standard deviation over its seeds (sample std, ddof = 1) and the number of seeds. A job's outcome
+is the newest of its ``metrics.json`` (done), ``error.log`` (failed) and ``interrupted`` marker, so a
+job re-run in its folder counts as its last attempt ended; failed, interrupted, unfinished (none of
+them yet) and unreadable jobs are counted apart, never averaged. A file that cannot be read
+(``metrics.json``, ``.hydra/*.yaml``, a CSV) is named in a warning and below the table, and the table
+is built from the rest. Written to ``<out>/``:
 
 * ``comparison.md`` and ``comparison.csv`` (the table; the Markdown is also printed), ``runs.csv``
   (every job's final metrics);
@@ -31,9 +34,10 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -43,13 +47,14 @@ import matplotlib.ticker
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from diffusionflow.config import ConfigError, build_components
 from diffusionflow.core.proposals import Adaptive, Proposal
 from diffusionflow.core.weightings import Weighting
 from diffusionflow.plots import plot_weightings
 
-__all__ = ["Job", "Row", "cli", "find_jobs", "main", "markdown_table", "summarize"]
+__all__ = ["Job", "Row", "cli", "find_jobs", "main", "markdown_table", "outcome", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,21 @@ CONTEXT = ("*_floor", "*_data", "*nfe")  # reference levels and costs: below the
 HIGHER_IS_BETTER = ("*log_density*", "isc/*", "*/accuracy*")
 BINS = re.compile(r"train_bins/(eps_mse|loss)_([+-]\d+)_([+-]\d+)$")
 FIGURES = ("metric_vs_step.png", "metric_vs_nfe.png", "loss_vs_logsnr.png", "weighting.png")
+METRICS_JSON, ERROR_LOG = "metrics.json", "error.log"
+INTERRUPTED = "interrupted"  # the marker diffusionflow.lightning.interrupt writes on SIGTERM / SIGINT
+NOT_DONE = ("failed", "interrupted", "unfinished", "unreadable")
+"""Job statuses counted apart from the seeds of a row, never averaged."""
+READ_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    yaml.YAMLError,
+    OmegaConfBaseException,
+)
+"""What reading a truncated, corrupt or mis-shaped file raises (``json.JSONDecodeError`` is a ValueError)."""
+T = TypeVar("T")
 
 
 class CompareError(ValueError):
@@ -80,9 +100,15 @@ class Job:
     choices: dict[str, str]
     config: DictConfig
     metrics: dict[str, float]
-    status: str  # done | failed (error.log) | unfinished (no metrics.json yet)
+    status: str
+    """done | failed | interrupted (the newest of metrics.json, error.log, the interrupted marker) |
+    unfinished (none of them, or no metric in metrics.json) | unreadable (a metrics.json that is not JSON)"""
     series: dict[str, dict[int, float]] = field(default_factory=dict)
     label: str = ""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of ``eval/fid.csv`` (its last step) and ``grid.csv`` files: sampler, metric, nfe, value."""
+    unreadable: list[str] = field(default_factory=list)
+    """``<path>: <reason>`` of each file of the job that could not be read."""
 
     @property
     def done(self) -> bool:
@@ -116,35 +142,93 @@ class Row:
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def _overrides(path: Path) -> dict[str, str]:
+def _parse_overrides(path: Path) -> dict[str, str]:
+    items = yaml.safe_load(path.read_text()) or []
+    if not isinstance(items, list):
+        raise ValueError(f"expected a YAML list of overrides, got {type(items).__name__}")
     out = {}
-    for item in yaml.safe_load(path.read_text()) or []:
+    for item in items:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = value
     return out
 
 
+def _parse_choices(path: Path) -> dict[str, str]:
+    hydra_cfg = OmegaConf.load(path)
+    choices = OmegaConf.select(hydra_cfg, "hydra.runtime.choices", default=None) or {}
+    return {k: str(v) for k, v in choices.items() if "hydra/" not in k}
+
+
+def _parse_config(path: Path) -> DictConfig:
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"expected a YAML mapping, got {type(config).__name__}")
+    return config
+
+
+def _parse_metrics(path: Path) -> dict[str, float]:
+    metrics = json.loads(path.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"expected a JSON object, got {type(metrics).__name__}")
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _read(path: Path, parse: Callable[[Path], T], default: T, unreadable: list[str]) -> T:
+    """``parse(path)``; ``default`` when the file is missing, and also when it cannot be read or parsed,
+    which is noted in ``unreadable`` as ``<path>: <reason>`` and logged as a warning."""
+    if not path.exists():
+        return default
+    try:
+        return parse(path)
+    except READ_ERRORS as err:
+        reason = f"{type(err).__name__}: {err}".replace("\n", " ")
+        unreadable.append(f"{path}: {reason}")
+        log.warning("unreadable: %s: %s", path, reason)
+        return default
+
+
+def outcome(path: Path) -> str | None:
+    """The newest of a job folder's outcome files, by modification time: ``metrics.json`` (done),
+    ``error.log`` (failed) or the ``interrupted`` marker; None when it has none (still running). A job
+    re-run in the same folder leaves the older files behind, so only the newest one counts; on equal
+    times the marker wins over the error, the error over the metrics."""
+    times = {}
+    for name in (INTERRUPTED, ERROR_LOG, METRICS_JSON):  # tie order: first wins
+        try:
+            times[name] = (path / name).stat().st_mtime_ns
+        except OSError:
+            continue
+    return max(times, key=times.__getitem__) if times else None
+
+
 def _job(path: Path) -> Job:
-    hydra_dir = path / ".hydra"
-    overrides = _overrides(hydra_dir / "overrides.yaml") if (hydra_dir / "overrides.yaml").exists() else {}
-    choices: dict[str, str] = {}
-    if (hydra_dir / "hydra.yaml").exists():
-        hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml")
-        choices = {k: str(v) for k, v in hydra_cfg.hydra.runtime.choices.items() if "hydra/" not in k}
-    metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    status = "failed" if (path / "error.log").exists() else "done" if metrics else "unfinished"
+    """One job folder, read as far as its files allow: an unreadable file is noted in ``Job.unreadable``
+    and the job keeps what the other files say."""
+    hydra_dir, unreadable = path / ".hydra", []
+    overrides = _read(hydra_dir / "overrides.yaml", _parse_overrides, {}, unreadable)
+    choices = _read(hydra_dir / "hydra.yaml", _parse_choices, {}, unreadable)
+    config = _read(hydra_dir / "config.yaml", _parse_config, OmegaConf.create(), unreadable)
+    newest = outcome(path)
+    metrics: dict[str, float] = {}
+    if newest == METRICS_JSON:
+        read = _read(path / METRICS_JSON, _parse_metrics, None, unreadable)
+        status = "unreadable" if read is None else "done" if read else "unfinished"
+        metrics = read or {}
+    else:
+        status = {ERROR_LOG: "failed", INTERRUPTED: "interrupted", None: "unfinished"}[newest]
     if status == "done":
-        metrics |= _likelihoods(path / "eval" / "nll.json")
-    config = OmegaConf.load(hydra_dir / "config.yaml")
-    return Job(path, overrides, choices, config, metrics, status, _series(path))
+        metrics |= _read(path / "eval" / "nll.json", _likelihoods, {}, unreadable)
+    series = _series(path, unreadable)
+    evals = [
+        rec
+        for csv_path in [path / "eval" / "fid.csv", *sorted(path.glob("**/grid.csv"))]
+        for rec in _read(csv_path, _eval_rows, [], unreadable)
+    ]
+    return Job(path, overrides, choices, config, metrics, status, series, evals=evals, unreadable=unreadable)
 
 
 def _likelihoods(path: Path) -> dict[str, float]:
-    """``nll/<method>_{nats,bits_per_dim}`` from ``evaluate nll``'s ``nll.json``, when the job has one."""
-    if not path.exists():
-        return {}
+    """``nll/<method>_{nats,bits_per_dim}`` from ``evaluate nll``'s ``nll.json``."""
     methods = json.loads(path.read_text()).get("methods", {})
     units = {"nats": "nll_nats", "bits_per_dim": "bits_per_dim"}
     return {f"nll/{m}_{unit}": float(v[key]) for m, v in methods.items() for unit, key in units.items()}
@@ -218,16 +302,20 @@ def _best(rows: Sequence[Row], metric: str) -> str | None:
 
 
 def markdown_table(
-    rows: Sequence[Row], metrics: Sequence[str], context: dict[str, float] | None = None
+    rows: Sequence[Row],
+    metrics: Sequence[str],
+    context: dict[str, float] | None = None,
+    unreadable: Sequence[str] = (),
 ) -> str:
     """Mean ± std (n) per configuration; the best mean of each column in bold (↓ lower / ↑ higher is
-    better); reference levels (noise floors, exact samples' log-density) and NFE below the table."""
+    better); reference levels (noise floors, exact samples' log-density) and NFE below the table, and a
+    line ``unreadable: <path>: <reason>`` per file left out."""
     arrows = ["↑" if _matches(m, HIGHER_IS_BETTER) else "↓" for m in metrics]
     head = ["configuration", "seeds", *[f"{m} {a}" for m, a in zip(metrics, arrows, strict=True)]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {m: _best(rows, m) for m in metrics}
     for r in rows:
-        missing = ", ".join(f"{r.count(s)} {s}" for s in ("failed", "unfinished") if r.count(s))
+        missing = ", ".join(f"{r.count(s)} {s}" for s in NOT_DONE if r.count(s))
         cells = [f"`{r.label}`", f"{r.n}" + (f" ({missing})" if missing else "")]
         for m in metrics:
             mean, std, _ = r.mean_std(m)
@@ -240,6 +328,9 @@ def markdown_table(
             "Reference levels and cost (mean over all jobs): "
             + ", ".join(f"{k} {_fmt(v)}" for k, v in context.items())
         )
+    if unreadable:
+        lines.append("")
+        lines += [f"unreadable: {u}  " for u in unreadable]  # two spaces: a Markdown line break
     return "\n".join(lines) + "\n"
 
 
@@ -256,14 +347,13 @@ def write_csvs(rows: Sequence[Row], jobs: Sequence[Job], metrics: Sequence[str],
             [
                 "configuration",
                 "seeds",
-                "failed",
-                "unfinished",
+                *NOT_DONE,
                 *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
             ]
         )
         for r in rows:
             w.writerow(
-                [r.label, r.n, r.count("failed"), r.count("unfinished")]
+                [r.label, r.n, *(r.count(s) for s in NOT_DONE)]
                 + [v for m in metrics for v in r.mean_std(m)[:2]]
             )
     keys = list(dict.fromkeys(k for j in jobs for k in j.metrics))
@@ -275,16 +365,25 @@ def write_csvs(rows: Sequence[Row], jobs: Sequence[Job], metrics: Sequence[str],
 
 
 # ---- time series -----------------------------------------------------------------------------------
-def _series(job_dir: Path) -> dict[str, dict[int, float]]:
-    """metric → {step: value} from the job's CSV logger files."""
+def _csv_series(path: Path) -> dict[str, dict[int, float]]:
+    """metric → {step: value} of one CSV logger file."""
+    out: dict[str, dict[int, float]] = {}
+    with path.open() as f:
+        for rec in csv.DictReader(f):
+            step = int(float(rec.get("step") or -1))
+            for k, v in rec.items():
+                if k not in ("step", "epoch", None) and v not in ("", None):
+                    out.setdefault(k, {})[step] = float(v)
+    return out
+
+
+def _series(job_dir: Path, unreadable: list[str] | None = None) -> dict[str, dict[int, float]]:
+    """metric → {step: value} from the job's CSV logger files; an unreadable file is skipped and noted
+    in ``unreadable``."""
     out: dict[str, dict[int, float]] = {}
     for path in sorted(job_dir.glob("csv*/**/metrics.csv")):
-        with path.open() as f:
-            for rec in csv.DictReader(f):
-                step = int(float(rec.get("step") or -1))
-                for k, v in rec.items():
-                    if k not in ("step", "epoch") and v not in ("", None):
-                        out.setdefault(k, {})[step] = float(v)
+        for k, steps in _read(path, _csv_series, {}, [] if unreadable is None else unreadable).items():
+            out.setdefault(k, {}).update(steps)
     return out
 
 
@@ -343,7 +442,7 @@ def plot_metric_vs_step(rows: Sequence[Row], patterns: Sequence[str], path: Path
 # ---- metric vs NFE ---------------------------------------------------------------------------------
 def _nfe_points(job: Job, patterns: Sequence[str]) -> list[tuple[str, str, int, float]]:
     """(sampler, metric, NFE, value) of a job: its final metrics with the run's sampler, the last step's
-    rows of ``eval/fid.csv`` and every ``grid.csv`` under the job."""
+    rows of ``eval/fid.csv`` and every ``grid.csv`` under the job (read with the job: ``Job.evals``)."""
     points = []
     nfe = job.metrics.get("final/nfe", job.metrics.get("nfe"))
     sampler = job.choices.get("sampler", str(OmegaConf.select(job.config, "sampler._target_", default="?")))
@@ -351,17 +450,22 @@ def _nfe_points(job: Job, patterns: Sequence[str]) -> list[tuple[str, str, int, 
         for k, v in job.metrics.items():
             if _matches(k, patterns) and not _matches(k, CONTEXT) and "/" not in k.removeprefix("final/"):
                 points.append((sampler, k, int(nfe), v))
-    rows: list[dict[str, str]] = []
-    for path in [job.path / "eval" / "fid.csv", *job.path.glob("**/grid.csv")]:
-        if path.exists():
-            with path.open() as f:
-                recs = list(csv.DictReader(f))
-            if "step" in (recs[0] if recs else {}):
-                last = max(int(r["step"]) for r in recs)
-                recs = [r for r in recs if int(r["step"]) == last]
-            rows += recs
-    points += [(r["sampler"], r["metric"], int(r["nfe"]), float(r["value"])) for r in rows]
+    points += [(r["sampler"], r["metric"], r["nfe"], r["value"]) for r in job.evals]
     return points
+
+
+def _eval_rows(path: Path) -> list[dict[str, Any]]:
+    """(sampler, metric, nfe, value) records of an ``eval/fid.csv`` (its last step's rows) or a
+    ``grid.csv``; a missing column or a value that is not a number makes the file unreadable."""
+    with path.open() as f:
+        recs = list(csv.DictReader(f))
+    if recs and "step" in recs[0]:
+        last = max(int(r["step"]) for r in recs)
+        recs = [r for r in recs if int(r["step"]) == last]
+    return [
+        {"sampler": r["sampler"], "metric": r["metric"], "nfe": int(r["nfe"]), "value": float(r["value"])}
+        for r in recs
+    ]
 
 
 def nfe_curves(rows: Sequence[Row], patterns: Sequence[str]) -> dict[str, dict[str, dict[int, list[float]]]]:
@@ -521,19 +625,21 @@ def compare(
     """Reads the jobs under ``root``, writes the table and figures to ``out`` (default
     ``<root>/comparison``), prints the table; returns the rows."""
     jobs = find_jobs(root)
+    unreadable = [u for j in jobs for u in j.unreadable]
     patterns = [*patterns, *SAMPLE_METRICS]
     metrics = table_metrics(jobs, patterns)
     if not metrics:
+        counts = ", ".join(f"{n} {s}" for s in NOT_DONE if (n := sum(j.status == s for j in jobs)))
+        files = "".join(f"; unreadable: {u}" for u in unreadable)
         raise CompareError(
             f"{root}: none of the {len(jobs)} jobs has a metric matching {list(patterns)} in its "
-            f"metrics.json ({sum(not j.done for j in jobs)} failed or unfinished); pass --metrics with the "
-            "keys to compare"
+            f"metrics.json ({counts or 'all done'}); pass --metrics with the keys to compare{files}"
         )
     out = root / "comparison" if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(jobs, metrics)
     context = context_values(jobs, patterns)
-    table = markdown_table(rows, metrics, context)
+    table = markdown_table(rows, metrics, context, unreadable)
     (out / "comparison.md").write_text(f"# {root}\n\n{len(jobs)} jobs, mean ± std over seeds\n\n{table}")
     write_csvs(rows, jobs, metrics, out)
     drawn = {

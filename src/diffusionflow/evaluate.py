@@ -36,6 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusionflow.checkpoint import WEIGHTS, load_module
+from diffusionflow.checks import check_device
 from diffusionflow.config import instantiate_checked
 from diffusionflow.errors import ConfigError
 from diffusionflow.metrics.digits_classifier import DigitsClassifier, default_cache_dir
@@ -71,7 +72,9 @@ class CommandError(ValueError):
 
 # ---- shared ------------------------------------------------------------------------------------------
 def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``--device`` (None: cuda when available, else cpu), checked against this machine's devices
+    before anything is loaded onto it."""
+    return check_device(name, "--device")
 
 
 def _inception(weights: str | None, device: torch.device) -> InceptionV3:
@@ -341,17 +344,49 @@ def _frechet(features: Sequence[torch.Tensor]) -> float:
     return frechet_distance(*moments)
 
 
+def _set_sizes(args: argparse.Namespace) -> list[int]:
+    """The number of images of each set, after checking every image's size (file headers only): one
+    size per set, the same size in both (INPUT2 only when a metric reads it) unless
+    ``--allow-size-mismatch``. Unreadable files are named."""
+    from diffusionflow.metrics.images import image_sizes
+
+    both = args.fid or args.kid
+    try:
+        scans = [image_sizes(source) for source in (args.input1, args.input2)]
+        sizes = [scan.single() for scan in (scans if both else scans[:1])]
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    if both and sizes[0] != sizes[1]:
+        (h1, w1), (h2, w2) = sizes
+        what = (
+            f"INPUT1 {scans[0].source} holds {h1}x{w1} images and INPUT2 {scans[1].source} {h2}x{w2} "
+            "(height x width)"
+        )
+        if not args.allow_size_mismatch:
+            raise CommandError(
+                f"{what}: a distance between sets of different resolutions measures the resolution too "
+                "(the extractor resizes both to its own input size, so nothing else stops it); make the "
+                "sets the same size, or pass --allow-size-mismatch to compare them anyway"
+            )
+        log.warning("%s: compared anyway (--allow-size-mismatch), each resized by the extractor", what)
+    return [scan.count for scan in scans]
+
+
 def sets(args: argparse.Namespace) -> dict[str, Any]:
-    """FID / KID / IS of two image sets, torch-fidelity's key names; IS is of INPUT1, as there."""
-    from diffusionflow.metrics.images import count_images
+    """FID / KID / IS of two image sets, torch-fidelity's key names; IS is of INPUT1, as there. Every
+    image's size is checked before any feature is extracted (``_set_sizes``)."""
     from diffusionflow.metrics.kid_is import inception_score, kernel_inception_distance
 
     if not (args.fid or args.kid or args.isc):
         raise CommandError("choose at least one metric: --fid, --kid or --isc")
-    try:
-        counts = [count_images(source) for source in (args.input1, args.input2)]
-    except ValueError as err:
-        raise CommandError(str(err)) from err
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--kid-subsets", args.kid_subsets),
+        ("--isc-splits", args.isc_splits),
+    ):
+        if value < 1:
+            raise CommandError(f"{flag} {value} must be >= 1")
+    counts = _set_sizes(args)
     if args.kid and not 2 <= args.kid_subset_size <= min(counts):
         raise CommandError(
             f"--kid-subset-size {args.kid_subset_size} must be in [2, {min(counts)}] (the smaller set's size)"
@@ -366,8 +401,11 @@ def sets(args: argparse.Namespace) -> dict[str, Any]:
             min(counts),
             net.feature_dim,
         )
-    first = _features(net, args.input1, args.batch_size)
-    second = _features(net, args.input2, args.batch_size) if args.fid or args.kid else None
+    try:
+        first = _features(net, args.input1, args.batch_size)
+        second = _features(net, args.input2, args.batch_size) if args.fid or args.kid else None
+    except ValueError as err:  # a file whose header read but whose pixels do not: named
+        raise CommandError(str(err)) from err
     out: dict[str, Any] = {}
     if args.isc:
         mean, std = inception_score(first[1], splits=args.isc_splits)
@@ -451,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kid-subset-size", type=int, default=1000)
     c.add_argument("--isc-splits", type=int, default=10)
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument(
+        "--allow-size-mismatch",
+        action="store_true",
+        help="compare sets of different image sizes (each resized by the extractor), with a warning",
+    )
     c.add_argument("--inception-weights", help="Inception weights file (default: the torch.hub cache)")
     c.add_argument("--device", help="default: cuda when available, else cpu")
     c.add_argument("--json", help="also write the result to this file")

@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from diffusionflow.checkpoint import check_weights, load_module
+from diffusionflow.checks import SAMPLE, check_config, check_device
 from diffusionflow.config import instantiate_checked
 from diffusionflow.core.samplers import Denoiser, Sampler
 from diffusionflow.core.schedules import Schedule
@@ -99,16 +100,16 @@ def _overrides(group: str) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks of the sampling keys; the sampler, checkpoint, labels and guidance are checked when built."""
+    """Checks of the sampling keys (types and ranges: ``checks.SAMPLE``; ``device`` against this machine's
+    devices), before anything is loaded; the sampler, checkpoint and labels are checked when built."""
     if (cfg.ckpt_path is None) == (cfg.oracle is None):
         raise ConfigError(
             "give exactly one of ckpt_path (a checkpoint of diffusionflow.train) and oracle (one of "
             f"{list(MIXTURES)}); got ckpt_path={cfg.ckpt_path} and oracle={cfg.oracle}"
         )
-    for key, low in (("num_samples", 1), ("batch_size", 1), ("seed", 0)):
-        if cfg[key] < low:
-            raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
+    check_config(cfg, SAMPLE)
     check_weights(cfg.weights)
+    check_device(cfg.device)
     if cfg.oracle is not None and cfg.oracle not in MIXTURES:
         raise ConfigError(f"oracle={cfg.oracle!r} has no exact denoiser; allowed: {list(MIXTURES)}")
     if cfg.oracle is not None and "_target_" not in cfg.schedule:
@@ -121,15 +122,6 @@ def validate(cfg: DictConfig) -> None:
             f"{' '.join(schedule_overrides)}: schedule is for oracle= only; ckpt_path={cfg.ckpt_path} "
             "samples with the schedule it was trained with"
         )
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device={name!r}: {err}") from err
 
 
 def _labels(cfg: DictConfig, num_classes: int, description: str) -> Tensor | None:
@@ -151,7 +143,7 @@ def _labels(cfg: DictConfig, num_classes: int, description: str) -> Tensor | Non
 
 
 def _checkpoint_source(cfg: DictConfig) -> Source:
-    device = _device(cfg.device)
+    device = check_device(cfg.device)
     module = load_module(cfg.ckpt_path, cfg.weights, map_location=device, sampler=cfg.sampler)
     description = f"checkpoint {cfg.ckpt_path}"
     labels = _labels(cfg, module.num_classes, description)

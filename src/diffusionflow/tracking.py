@@ -66,13 +66,16 @@ def setup_wandb(cfg: DictConfig, module: Any) -> None:
             wb.group = Path(hc.sweep.dir).name
         if wb.get("id") is None:
             wb.id = run_id(Path(cfg.paths.output_dir))
+        if wb.get("resume") is None:
+            # a requeued or resumed job in the same folder reads the same id: continue that run
+            wb.resume = "allow"
         wb.tags = run_tags(list(wb.get("tags") or []), module, dict(hc.runtime.choices))
         if not wb.offline and wandb_mode() == "offline":
             wb.offline = True
             log.warning(
                 "no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` later"
             )
-    log.info("W&B run %s in group %s, tags %s", wb.id, wb.group, list(wb.tags))
+    log.info("W&B run %s in group %s, tags %s (resume=%s)", wb.id, wb.group, list(wb.tags), wb.resume)
 
 
 def log_final(loggers: list[Logger], out_dir: Path, metrics: dict[str, float]) -> None:

@@ -13,10 +13,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
 
 from diffusionflow.config import ConfigError
 from diffusionflow.data.toy2d import Toy2D
-from diffusionflow.lightning.datamodule import DiffusionDataModule, per_rank_batch_size
+from diffusionflow.lightning.datamodule import DiffusionDataModule, ResumableDataLoader, per_rank_batch_size
 from diffusionflow.paths import CONFIG_DIR
 
 CONF = CONFIG_DIR / "data"
@@ -178,3 +179,95 @@ def test_config_instantiates(name: str, tmp_path: Path) -> None:
     assert x.shape == (cfg.data.batch_size, *cfg.data.shape) and y.dtype == torch.int64
     if dm.val_set is not None:
         assert next(iter(dm.val_dataloader()))[0].shape[1:] == dm.shape
+
+
+# ---- mid-epoch resume: the training loader's state ------------------------------------------------
+
+
+def _train_loader(**kwargs) -> DataLoader:
+    dm = _toy_module(batch_size=64, **kwargs)  # 1000 points: 15 batches per epoch
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def _epoch(loader: DataLoader, epoch: int) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch)
+    return [x for x, _ in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_resumes_mid_epoch_in_the_uninterrupted_order(workers: int) -> None:
+    """5 batches of epoch 1, then a new loader restored from the state: the other 10 batches of epoch 1
+    exactly, then all of epoch 2 (also with a persistent worker, whose iterator is reused per epoch)."""
+    kw = {"num_workers": workers, "persistent_workers": workers > 0}
+    straight = _train_loader(**kw)
+    want1, want2 = _epoch(straight, 1), _epoch(straight, 2)
+    first = _train_loader(**kw)
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches_consumed": 5, "batches_per_epoch": 15, "batch_size": 64}
+
+    resumed = _train_loader(**kw)
+    assert isinstance(resumed, ResumableDataLoader)  # Lightning saves and restores its state_dict
+    resumed.load_state_dict(state)
+    assert len(resumed) == 15  # Lightning's count of the epoch is unchanged
+    rest = _epoch(resumed, 1)  # Lightning sets the restored epoch again before iterating
+    assert len(rest) == 10 and all(torch.equal(a, b) for a, b in zip(rest, want1[5:], strict=True))
+    assert resumed.state_dict()["batches_consumed"] == 15
+    nxt = _epoch(resumed, 2)
+    assert len(nxt) == 15 and all(torch.equal(a, b) for a, b in zip(nxt, want2, strict=True))
+
+
+def test_loader_state_at_an_epoch_end_resumes_at_the_next_epoch() -> None:
+    straight = _train_loader()
+    want = _epoch(straight, 4)
+    resumed = _train_loader()
+    resumed.load_state_dict({"epoch": 3, "batches_consumed": 15, "batches_per_epoch": 15, "batch_size": 64})
+    assert resumed.sampler.epoch == 4
+    got = [x for x, _ in resumed]  # iterated before Lightning's set_epoch: the epoch is already right
+    assert len(got) == 15 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_loader_state_from_another_batch_size_warns() -> None:
+    resumed = _train_loader()
+    state = {"epoch": 0, "batches_consumed": 3, "batches_per_epoch": 7, "batch_size": 128}
+    with pytest.warns(
+        UserWarning, match="saved with 7 batches of 128 per epoch into one with 15 batches of 64"
+    ):
+        resumed.load_state_dict(state)
+
+
+def test_ranks_share_each_epoch_and_resume_their_own_batches() -> None:
+    """On 2 ranks each loads half of every epoch's permutation (disjoint, together all of it), a new
+    permutation every epoch, and restored mid-epoch each skips its own consumed batches. The sampler is
+    a ``DistributedSampler``, so Lightning uses it as it is instead of wrapping it."""
+
+    def ranked(rank: int) -> DataLoader:
+        dm = _toy_module(batch_size=128)  # 64 per rank, 1000 points: 500 per rank, 7 batches
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    loaders = [ranked(0), ranked(1)]
+    assert all(isinstance(dl.sampler, DistributedSampler) and len(dl) == 7 for dl in loaders)
+    for epoch in (0, 1):
+        for dl in loaders:
+            dl.sampler.set_epoch(epoch)
+        shares = [list(dl.sampler) for dl in loaders]
+        assert len(shares[0]) == len(shares[1]) == 500 and not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == list(range(1000))
+    assert list(loaders[0].sampler) != _epoch_indices(ranked(0), 0)  # reshuffled per epoch
+    for rank in (0, 1):
+        want = _epoch(ranked(rank), 0)
+        loader = ranked(rank)
+        loader.load_state_dict({"epoch": 0, "batches_consumed": 3, "batches_per_epoch": 7, "batch_size": 64})
+        rest = _epoch(loader, 0)
+        assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, want[3:], strict=True))
+
+
+def _epoch_indices(loader: DataLoader, epoch: int) -> list[int]:
+    loader.sampler.set_epoch(epoch)
+    return list(loader.sampler)

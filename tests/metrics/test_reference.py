@@ -20,22 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from diffusionflow.metrics import FeatureExtractor, FrechetStats, count_images, image_batches, save_png_folder
+from diffusionflow.metrics import FrechetStats, count_images, image_batches, save_png_folder
+from diffusionflow.metrics.cache import checksum_path
 from diffusionflow.metrics.reference import cache_path, reference_stats
+from helpers import MeanStd
 
 KEY = {"dataset": "smooth", "split": "train", "resolution": 32, "count": 64}
 LOGGER = "diffusionflow.metrics.reference"
-
-
-class MeanStd(FeatureExtractor):
-    """Per-channel mean and standard deviation of the pixels: 6 features."""
-
-    name = "mean-std"
-    feature_dim = 6
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.double() / 255
-        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
 
 
 def direct_stats(images: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +82,7 @@ def test_miss_hit_and_changed_key(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         assert "computing" in caplog.text, changed
         assert stats.count == len(subset)
         assert_same(stats.mean_cov(), direct_stats(subset), tol=1e-12)
-    assert len(list(tmp_path.glob("*.npz"))) == 3
+    assert len(list(tmp_path.glob("*.npz"))) == 3 and len(list(tmp_path.glob("*.npz.sha256"))) == 3
 
 
 def test_stored_key_is_verified(tmp_path: Path, caplog: pytest.LogCaptureFixture, image_sets: dict) -> None:
@@ -101,6 +92,9 @@ def test_stored_key_is_verified(tmp_path: Path, caplog: pytest.LogCaptureFixture
     other = {**KEY, "split": "test"}
     other_path = cache_path({**other, "extractor": MeanStd.name}, tmp_path)
     shutil.copy(cache_path({**KEY, "extractor": MeanStd.name}, tmp_path), other_path)
+    shutil.copy(
+        checksum_path(cache_path({**KEY, "extractor": MeanStd.name}, tmp_path)), checksum_path(other_path)
+    )
     with caplog.at_level(logging.INFO, logger=LOGGER):
         stats = reference_stats([images.flip(0)], MeanStd(), other, tmp_path)
     assert "stored under key" in caplog.text and "computing" in caplog.text
@@ -159,7 +153,7 @@ def test_two_ranks_shard_exactly(tmp_path: Path, image_sets: dict) -> None:
             assert_same((mu, sigma), expected, tol=1e-12)
     for name in results[0]:
         assert_same(results[0][name][:2], results[1][name][:2])
-    assert sorted(p.name.split("-")[1] for p in cache_dir.iterdir()) == ["iterable", "train"]
+    assert sorted(p.name.split("-")[1] for p in cache_dir.glob("*.npz")) == ["iterable", "train"]
 
 
 def test_png_folder_batches_and_shards(tmp_path: Path, image_sets: dict) -> None:

@@ -93,4 +93,4 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path):
     assert res.returncode != 0
     assert (tmp_path / "0" / "metrics.json").exists() and (tmp_path / "2" / "metrics.json").exists()
     error = (tmp_path / "1" / "error.log").read_text()
-    assert "trainer.max_steps=-5 must be >= -1" in error
+    assert "trainer.max_steps=-5: expected an integer >= -1" in error

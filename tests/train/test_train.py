@@ -47,7 +47,8 @@ def test_experiments_needing_a_parent_say_how_to_get_one(train_cfg, experiment, 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if any(d in e for d in NEEDS_DATA)])
 def test_experiments_needing_data_fail_with_the_folder_to_fill(train_cfg, experiment, tmp_path):
-    cfg = train_cfg([f"experiment={experiment}", "debug=fdr", "trainer.devices=1", "trainer.strategy=auto"])
+    one_device = ["trainer.num_nodes=1", "trainer.devices=1", "trainer.strategy=auto"]  # imagenet64: 4 nodes
+    cfg = train_cfg([f"experiment={experiment}", "debug=fdr", *one_device])
     cfg.trainer.accelerator = "cpu"
     cfg.trainer.precision = "32-true"
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "data")):

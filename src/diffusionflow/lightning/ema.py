@@ -9,9 +9,9 @@ optional ramp-up h ← min(h, ramp · images seen).
 Other callbacks reach the two sets of weights through this module only, whatever the order of
 ``trainer.callbacks``:
 
-* :func:`averaged_model`: the averaged copy (the EMA weights), a module of its own that is correct
-  before and after Lightning's end-of-training copy into the LightningModule. It is the one place that
-  touches Lightning's private ``_average_model``.
+* :func:`averaged_model` (from ``lightning.internals``, the one module touching Lightning's private
+  attributes): the averaged copy (the EMA weights), a module of its own that is correct before and
+  after Lightning's end-of-training copy into the LightningModule.
 * :func:`raw_weights`: the LightningModule with the raw (trained) weights, also after ``EMA`` replaced
   them by the averaged ones at ``on_train_end`` (``EMA`` keeps what it replaced).
 """
@@ -23,29 +23,12 @@ from contextlib import contextmanager
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor, nn
+from torch import Tensor
+
+from diffusionflow.lightning.internals import averaged_model
 
 __all__ = ["EMA", "averaged_model", "raw_weights"]
-
-
-def averaged_model(callback: WeightAveraging) -> nn.Module:
-    """The averaged copy of the weights that ``callback`` maintains (the EMA model), unwrapped: a module
-    separate from the LightningModule, updated by the callback after each step. Lightning offers no public
-    accessor, so this adapter reads its private ``_average_model.module`` (Lightning 2.6); a Lightning
-    without it fails here, loudly, rather than measuring the wrong weights."""
-    average = getattr(callback, "_average_model", AttributeError)
-    if average is AttributeError or (average is not None and not hasattr(average, "module")):
-        raise RuntimeError(
-            f"lightning {lightning_version}: WeightAveraging no longer keeps its averaged model in "
-            "_average_model.module; update diffusionflow.lightning.ema.averaged_model for this version"
-        )
-    if average is None:
-        raise RuntimeError(
-            f"{type(callback).__name__} has no averaged model yet: it is created in setup(stage='fit')"
-        )
-    return average.module
 
 
 class EMA(WeightAveraging):

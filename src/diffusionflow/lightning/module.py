@@ -129,6 +129,7 @@ class DiffusionModule(LightningModule):
         x, y, *paired = batch
         res = self._loss(x, y, stream=0, eps=paired[0] if paired else None)
         loss = res.loss.mean()
+        self.last_loss, self.last_logsnr = loss.detach(), res.logsnr.detach()  # read by FiniteGuard
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         self._accumulate_bins(res.logsnr, res.eps_mse, res.loss)
         if isinstance(self.proposal, Adaptive):
@@ -178,7 +179,8 @@ class DiffusionModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.backbone, norm_type=2)
-        self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        if norms:  # none when FiniteGuard skipped the step (every gradient None)
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     # ---- sampling -------------------------------------------------------------------------------

@@ -16,16 +16,19 @@ which inverts nearest-neighbour upscaling exactly and bilinear upscaling up to a
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy, interpolate, pad
 
 from diffusionflow.data.digits import Digits
+from diffusionflow.metrics.cache import read_cached, write_cached
 from diffusionflow.metrics.extractors import FeatureExtractor, to_uint8
 from diffusionflow.paths import root_dir
 
@@ -136,9 +139,11 @@ class DigitsClassifier(FeatureExtractor):
     """The digits CNN as a feature extractor: uint8 (N, 1, H, W) → (N, 64) penultimate features.
 
     Trained on first use and cached in ``cache_dir`` (default :func:`default_cache_dir`) as
-    ``<name>.pt``; later constructions load it (the log says hit or miss). ``test_accuracy`` is its
-    accuracy on the digits test split (≈ 0.98). Not thread- or process-safe on a cache miss: under DDP,
-    build it on rank 0 first (``FIDCallback`` does), the file is written atomically.
+    ``<name>.pt`` with its SHA-256 in ``<name>.pt.sha256``; later constructions load it with
+    ``weights_only=True`` (the log says hit or miss). A truncated, corrupted or foreign file is retrained,
+    with a warning, and replaced atomically. ``test_accuracy`` is its accuracy on the digits test split
+    (≈ 0.98). Not thread- or process-safe on a cache miss: under DDP, build it on rank 0 first
+    (``FIDCallback`` does), the file is written atomically.
     """
 
     metric_name = "fd_digits"
@@ -149,28 +154,44 @@ class DigitsClassifier(FeatureExtractor):
         self.name = f"digits-classifier-v{VERSION}-seed{seed}-r{RESOLUTION}"
         self.net = _CNN(self.feature_dim)
         path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{self.name}.pt"
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = self._load(path)
+        if saved is not None:
             log.info("digits classifier: cache hit %s", path)
         else:
             start = time.perf_counter()
             state, accuracy = _train(seed, self.feature_dim)
             saved = {"state_dict": state, "test_accuracy": accuracy, "name": self.name}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(saved, tmp)
-            tmp.replace(path)
+            buffer = io.BytesIO()
+            torch.save(saved, buffer)
+            write_cached(path, buffer.getvalue())
+            self.net.load_state_dict(saved["state_dict"])
             log.info(
                 "digits classifier: cache miss, trained in %.1f s (test accuracy %.4f), saved to %s",
                 time.perf_counter() - start,
                 accuracy,
                 path,
             )
-        self.net.load_state_dict(saved["state_dict"])
         self.test_accuracy = float(saved["test_accuracy"])
         self.path = path
         self.requires_grad_(False)
         self.eval()
+
+    def _load(self, path: Path) -> dict[str, Any] | None:
+        """The cached classifier, loaded into ``self.net``, if ``path`` matches its checksum and holds
+        this classifier; else None (with a warning, unless the file is missing): it is retrained."""
+        data = read_cached(path, log, "digits classifier cache")
+        if data is None:
+            return None
+        try:
+            saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or saved.get("name") != self.name:
+                raise ValueError(f"it holds no {self.name} classifier")
+            self.net.load_state_dict(saved["state_dict"])
+            float(saved["test_accuracy"])
+        except Exception as err:
+            log.warning("digits classifier cache %s is unusable (%s): rebuilding it", path, err)
+            return None
+        return saved
 
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:

@@ -9,18 +9,28 @@ shards that together hold every image exactly once (no padding, unlike ``Distrib
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.nn.functional import interpolate
 
 from .extractors import to_uint8
 
-__all__ = ["count_images", "image_batches", "save_png_folder", "synthetic_images"]
+__all__ = [
+    "ImageSizes",
+    "count_images",
+    "image_batches",
+    "image_sizes",
+    "save_png_folder",
+    "synthetic_images",
+]
 
 NPZ_KEYS = ("samples", "arr_0", "images")
 
@@ -67,12 +77,80 @@ def count_images(source: str | Path) -> int:
     path = _source(source)
     if path.is_dir():
         return len(_png_files(path))
-    with np.load(path) as npz, npz.zip.open(_npz_key(npz, path) + ".npy") as f:
-        fmt = np.lib.format
-        header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-        shape, _, dtype = header(f)
+    return _npz_shape(path)[0]
+
+
+def _npz_shape(path: Path) -> tuple[int, ...]:
+    """The (N, H, W, C) shape of an ``.npz``'s images, from the array header (no data read)."""
+    try:
+        npz = np.load(path)
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable .npz ({type(err).__name__}: {err})") from err
+    with npz:
+        key = _npz_key(npz, path)
+        try:
+            with npz.zip.open(key + ".npy") as f:
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = header(f)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: not a readable .npz ({type(err).__name__}: {err})") from err
     _check_nhwc(shape, dtype, path)
-    return shape[0]
+    return shape
+
+
+@dataclass
+class ImageSizes:
+    """The image sizes of a set: (height, width) → (number of images, an example file)."""
+
+    source: Path
+    sizes: dict[tuple[int, int], tuple[int, Path]] = field(default_factory=dict)
+
+    def add(self, size: tuple[int, int], example: Path, count: int = 1) -> None:
+        """Counts ``count`` images of ``size``; the first file seen is the size's example."""
+        n, first = self.sizes.get(size, (0, example))
+        self.sizes[size] = (n + count, first)
+
+    @property
+    def count(self) -> int:
+        return sum(n for n, _ in self.sizes.values())
+
+    def describe(self) -> str:
+        """``16x16 (3 images, e.g. a/000.png), 32x32 (2 images, e.g. a/003.png)``."""
+        return ", ".join(
+            f"{h}x{w} ({n} image{'s' if n > 1 else ''}, e.g. {example})"
+            for (h, w), (n, example) in sorted(self.sizes.items())
+        )
+
+    def single(self) -> tuple[int, int]:
+        """The one size of the set; a ``ValueError`` listing the sizes found (with an example of each)."""
+        if len(self.sizes) != 1:
+            raise ValueError(
+                f"{self.source}: images of {len(self.sizes)} sizes (height x width): {self.describe()}; "
+                "a set must have one size"
+            )
+        return next(iter(self.sizes))
+
+
+def image_sizes(source: str | Path) -> ImageSizes:
+    """The size of every image of a PNG folder or an ``.npz``, cheaply: each PNG's header (PIL's lazy
+    ``Image.open``, no pixels decoded), the array header of an ``.npz``. A file that is not a readable
+    image is a ``ValueError`` naming it."""
+    path = _source(source)
+    out = ImageSizes(path)
+    if path.is_dir():
+        for file in _png_files(path):
+            try:
+                with Image.open(file) as image:
+                    width, height = image.size
+            except UNREADABLE as err:
+                raise _unreadable(file, err) from err
+            out.add((height, width), file)
+        return out
+    n, height, width, _ = _npz_shape(path)
+    out.add((height, width), path, n)
+    return out
 
 
 def _to_nchw(nhwc: np.ndarray) -> Tensor:
@@ -81,8 +159,24 @@ def _to_nchw(nhwc: np.ndarray) -> Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
 
 
+UNREADABLE = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+"""What PIL raises for a file that is not a readable image (truncated, corrupt, not an image)."""
+
+
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    return ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})")
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except UNREADABLE as err:
+        raise _unreadable(path, err) from err
+
+
 def _read_pngs(files: list[Path]) -> Tensor:
-    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    arrays = [_read_png(f) for f in files]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"PNGs of different sizes in one batch ({sorted(shapes)}), from {files[0].parent}")

@@ -6,7 +6,10 @@ in-metric caching is lost with checkpoints. Here the statistics (μ, Σ, n; Heus
 reference set are written once, to ``cache_dir/<slug>-<hash>.npz``, keyed by what determines them:
 dataset, split, resolution, count and the extractor's name (plus any other entries of ``key``). The
 file name is a readable slug plus a short hash of the sorted key; the key itself is stored inside the
-file and compared on load, so a renamed or stale file is recomputed rather than trusted.
+file and compared on load, so a renamed or stale file is recomputed rather than trusted. Its SHA-256 is
+kept beside it (``<file>.sha256``, :mod:`diffusionflow.metrics.cache`) and verified on every read: a
+truncated, corrupted or unreadable file is recomputed with a warning and replaced atomically. The file is
+read with ``np.load(allow_pickle=False)``.
 
 Under torch.distributed the images are sharded (rank r extracts batches r, r + world, …; never
 padded, so no image counts twice, unlike ``DistributedSampler``), the float64 sums are all-reduced
@@ -17,6 +20,7 @@ file and, after a barrier, every rank reads it back: a fresh and a cached result
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -29,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .cache import read_cached, write_cached
 from .extractors import FeatureExtractor
 from .frechet import FrechetStats
 
@@ -58,14 +63,24 @@ def cache_path(key: Mapping[str, str | int], cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{slug}-{digest}.npz"
 
 
+def _save(stats: FrechetStats, path: Path, key: dict[str, str | int]) -> None:
+    """``.npz`` with mu, sigma, n and the key as JSON, written with its checksum (atomically)."""
+    mu, sigma = stats.mean_cov()
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma, n=stats.count, key=json.dumps(key, sort_keys=True))
+    write_cached(path, buffer.getvalue())
+
+
 def _load(path: Path, key: dict[str, str | int], device: torch.device) -> FrechetStats | None:
-    """The cached statistics if ``path`` holds them under exactly ``key``, else None."""
-    if not path.is_file():
+    """The cached statistics if ``path`` holds them under exactly ``key`` and matches its checksum,
+    else None."""
+    data = read_cached(path, logger, "reference statistics")
+    if data is None:
         return None
     try:
-        with np.load(path) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             stored, mu, sigma, n = json.loads(npz["key"].item()), npz["mu"], npz["sigma"], int(npz["n"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         logger.warning("unreadable reference statistics %s (%s): recomputing", path, err)
         return None
     if stored != key:
@@ -128,7 +143,7 @@ def reference_stats(
                 "(limit the source to that many, e.g. image_batches(..., limit=count))"
             )
         if rank == 0:
-            stats.save(path, key=json.dumps(full_key, sort_keys=True))
+            _save(stats, path, full_key)
             logger.info("reference statistics: wrote %s", path)
     if distributed:
         dist.barrier()
