@@ -20,12 +20,15 @@ __all__ = ["NaNAtStep", "StepClock"]
 
 class StepClock(Callback):
     """Appends ``global_step`` to ``<run>/drill_steps.txt`` after every optimizer step (flushed, so a
-    SIGKILL loses nothing written), then sleeps ``sleep_s``. ``ballast_mb`` adds that many MB of zeros to
-    every checkpoint (this callback's state), so that a write lasts long enough to be killed half-way."""
+        SIGKILL loses nothing written), then sleeps ``sleep_s``. ``ballast_mb`` adds that many MB of zeros to
+        every checkpoint (this callback's state), so that a write lasts long enough to be killed half-way.
+    While the file ``hold`` exists the run waits after each step, however slow the machine is to start
+    the process the drill races it against."""
 
-    def __init__(self, sleep_s: float = 0.0, ballast_mb: int = 0) -> None:
+    def __init__(self, sleep_s: float = 0.0, ballast_mb: int = 0, hold: str | None = None) -> None:
         self.sleep_s = sleep_s
         self.ballast_mb = ballast_mb
+        self.hold = None if hold is None else Path(hold)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ballast": torch.zeros(self.ballast_mb * 2**18)} if self.ballast_mb else {}
@@ -42,6 +45,8 @@ class StepClock(Callback):
                 f.flush()
                 os.fsync(f.fileno())
         time.sleep(self.sleep_s)
+        while self.hold is not None and self.hold.exists():
+            time.sleep(0.05)
 
 
 class NaNAtStep(Callback):

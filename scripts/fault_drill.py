@@ -372,9 +372,17 @@ def hostile_ckpt_case(out: Path) -> Case:
 def two_runs_case(out: Path) -> Case:
     run_dir = out / "two_runs"
     case = Case("second run in a folder in use", at="while the first trains")
-    first = start(run_dir, [SLEEP])
+    # The first run waits while `hold` exists: it is still training when the second one starts, however
+    # long that start takes on a loaded machine.
+    hold = out / "two_runs.hold"
+    out.mkdir(parents=True, exist_ok=True)
+    hold.touch()
+    first = start(run_dir, [f"+callbacks.drill_clock.hold={hold}"])
     case.check("first run started", wait_for_step(first, run_dir, 1))
-    rc = train(run_dir)
+    try:
+        rc = train(run_dir)
+    finally:
+        hold.unlink()
     case.exit_code = str(rc)
     case.check("second refused", rc != 0 and "run.lock" in log_text(run_dir))
     first_rc = finish(first)
