@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,slurm,optuna]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,slurm,optuna,latent]"
 	touch $@
 
 train: $(VENV)/.installed  ## the main job on the embedded default data (2-D mixture, MLP, ~1.5 min)

@@ -39,3 +39,26 @@ def cache_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.getbasetemp() / "diffusionflow-cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+def no_network(*args: object, **kwargs: object) -> None:
+    pytest.fail(f"network access attempted: {args}")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way torch-fidelity, torch.hub and torchvision reach the network fails the test."""
+    import urllib.request
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+    import torchvision
+
+    for target, name in [
+        (urllib.request, "urlopen"),
+        (torch.hub, "load"),
+        (torch.hub, "load_state_dict_from_url"),
+        (torch.hub, "download_url_to_file"),
+        (torchvision.models._api, "load_state_dict_from_url"),
+        (tf_inception, "load_state_dict_from_url"),
+    ]:
+        monkeypatch.setattr(target, name, no_network)

@@ -1,6 +1,9 @@
 """``python -m diffusionflow.compare`` on multirun folders the tests write: the table's means and sample
-standard deviations are those of the values written, failed jobs are counted and not averaged, the
-figures appear when their data exist, an adaptive proposal is read back from the checkpoint."""
+standard deviations are those of the values written, its confidence intervals and t-tests those of
+scipy.stats on the same numbers (paired on shared seeds, else Welch's), failed jobs are counted and not
+averaged, the curves against NFE, σ_rel, guidance and training images are those of the rows written
+(old grid.csv files included), the figures appear when their data exist, an adaptive proposal is read
+back from the checkpoint."""
 
 from __future__ import annotations
 
@@ -16,9 +19,24 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf, open_dict
+from scipy import stats
 
-from diffusionflow.compare import cli, components_of, find_jobs, main, nfe_curves, step_curves, summarize
+from diffusionflow.compare import (
+    METRICS,
+    Row,
+    best_sigma_rel,
+    cli,
+    components_of,
+    curves,
+    find_jobs,
+    main,
+    step_curves,
+    summarize,
+    versus_best,
+)
 from diffusionflow.core.proposals import Adaptive
+from diffusionflow.metrics.fid import EvalRow, append_rows
+from diffusionflow.significance import paired_t_test, welch_t_test
 from train.conftest import compose_train
 
 WEIGHTINGS = ("edm", "flow")
@@ -194,9 +212,9 @@ def test_metric_vs_nfe_from_a_sampler_sweep(tmp_path):
                 values.setdefault((sampler, nfe), []).append(value)
                 n += 1
     rows = main([str(tmp_path)])
-    curves = nfe_curves(rows, ["sliced_w2*", "nfe"])["sliced_w2"]
-    assert set(curves) == {"ddim", "heun"}
-    assert {(s, nfe): v for s, pts in curves.items() for nfe, v in pts.items()} == values
+    lines = curves(rows, ["sliced_w2*", "nfe"], "nfe")["sliced_w2"]
+    assert set(lines) == {"ddim", "heun"}
+    assert {(s, nfe): v for s, pts in lines.items() for nfe, v in pts.items()} == values
     assert (tmp_path / "comparison" / "metric_vs_nfe.png").stat().st_size > 10_000
     assert not (tmp_path / "comparison" / "weighting.png").exists()  # sampling jobs train nothing
 
@@ -285,6 +303,7 @@ def test_unreadable_files_are_named_and_the_table_built_from_the_rest(tmp_path, 
         tmp_path / "1" / "metrics.json": '{"final/sliced_w2": 0.',  # truncated mid-write
         tmp_path / "2" / "csv" / "metrics.csv": "step,toy/sliced_w2\n1,0.3\n2,abc\n",
         tmp_path / "3" / ".hydra" / "config.yaml": "seed: [0\n",
+        tmp_path / "3" / "grid.csv": "metric,value,sampler,nfe,weights\nfid,1.0,heun,35,sigma_rel:abc\n",
     }
     for path, text in broken.items():
         path.write_text(text)
@@ -306,3 +325,238 @@ def test_unreadable_files_are_named_and_the_table_built_from_the_rest(tmp_path, 
     # the unreadable metrics.csv of job 2 is left out of the curves; the others are all there
     curves = step_curves(rows, "toy/sliced_w2")["all"]
     assert curves[1] == pytest.approx([(0.1 + 0.2 + 0.4) / 3, (0.05 + 0.1 + 0.2) / 3])
+
+
+# ---- confidence intervals and tests against the best row -------------------------------------------
+def test_confidence_intervals_are_students(multirun):
+    """mean ± t_{0.975, n−1}·s/√n, as scipy.stats.t.interval gives it, in comparison.csv and .md."""
+    root, written = multirun
+    main([str(root)])
+    with (root / "comparison" / "comparison.csv").open() as f:
+        table = {rec["configuration"]: rec for rec in csv.DictReader(f)}
+    text = (root / "comparison" / "comparison.md").read_text()
+    for w in WEIGHTINGS:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| `weighting={w}`"))
+        for key in ("final/sliced_w2", "final/log_density", "fd_digits/500_heun35_ema"):
+            values = [written[(w, s)][0][key] for s in SEEDS]
+            lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+            rec = table[f"weighting={w}"]
+            assert float(rec[f"{key}_ci_low"]) == pytest.approx(lo, rel=1e-12)
+            assert float(rec[f"{key}_ci_high"]) == pytest.approx(hi, rel=1e-12)
+            assert f"[{lo:.4g}, {hi:.4g}]" in line
+    assert "mean ± t_{0.975, n−1}·s/√n" in text and "α = 0.05" in text and "Welch" in text
+
+
+def _seed_jobs(root: Path) -> dict[str, list[float]]:
+    """Configurations over seeds 0–3 with a large spread between seeds (0, 10, 20, 30): ``a`` (the best),
+    ``b`` = a + 1 on the same seeds, ``c`` = b's values on seeds 4–7, ``d`` = a + 1 with its seeds in
+    its config only (no seed override), ``e`` = a on the same seeds, ``f`` = a + 1000 on seeds 4–7,
+    ``g`` one seed."""
+    a = [0.01, 9.98, 20.0, 30.01]
+    b = [x + 1 + eps for x, eps in zip(a, (0.02, -0.01, 0.0, 0.01), strict=True)]
+    configs = {
+        "a": (a, range(4), True),
+        "b": (b, range(4), True),
+        "c": (b, range(4, 8), True),
+        "d": ([x + 1 + eps for x, eps in zip(a, (0.0, 0.01, -0.02, 0.01), strict=True)], range(4), False),
+        "e": (list(a), range(4), True),
+        "f": ([x + 1000 for x in a], range(4, 8), True),
+        "g": ([50.0], [0], True),
+    }
+    n = 0
+    for name, (values, seeds, override) in configs.items():
+        for value, seed in zip(values, seeds, strict=True):
+            overrides = [f"weighting={name}", *([f"seed={seed}"] if override else [])]
+            write_job(root / str(n), overrides, {"seed": seed}, {"final/sliced_w2": value})
+            n += 1
+    return {name: values for name, (values, _, _) in configs.items()}
+
+
+def test_paired_on_shared_seeds_else_welch(tmp_path, capsys):
+    """A consistent per-seed offset under a large between-seed spread: the paired test finds it (p < α),
+    Welch's on the same numbers does not; other seeds → Welch's; identical → ≈ with p = 1; far worse →
+    distinguished; one seed → no CI, no test. Each p-value is scipy's on the same numbers."""
+    values = _seed_jobs(tmp_path)
+    a = values["a"]
+    rows = main([str(tmp_path)])
+    tests = versus_best(rows, "final/sliced_w2")
+    assert {k.removeprefix("weighting="): t.kind for k, t in tests.items()} == {
+        "b": "paired",
+        "c": "welch",
+        "d": "paired",  # the seeds of its config
+        "e": "paired",
+        "f": "welch",
+    }
+    for name, scipy_test in (
+        ("b", stats.ttest_rel(values["b"], a)),
+        ("c", stats.ttest_ind(values["c"], a, equal_var=False)),
+        ("d", stats.ttest_rel(values["d"], a)),
+        ("f", stats.ttest_ind(values["f"], a, equal_var=False)),
+    ):
+        assert tests[f"weighting={name}"].p == pytest.approx(scipy_test.pvalue, rel=1e-9)
+        assert tests[f"weighting={name}"].t == pytest.approx(scipy_test.statistic, rel=1e-12)
+    assert tests["weighting=b"].p < 0.05 < 0.5 < stats.ttest_ind(values["b"], a, equal_var=False).pvalue
+    assert tests["weighting=c"].p > 0.05 and tests["weighting=e"].p == 1.0
+    assert tests["weighting=f"].p < 0.05
+    printed = capsys.readouterr().out
+    cells = {
+        ln.split("`")[1].removeprefix("weighting="): ln.strip("| ").split(" | ")[2]
+        for ln in printed.splitlines()
+        if ln.startswith("| `")
+    }
+    assert cells["a"].startswith(f"**{np.mean(a):.4g} ± {np.std(a, ddof=1):.4g}**")
+    assert "≈" not in cells["b"] and f"p={tests['weighting=b'].p:.2g} paired" in cells["b"]
+    assert f"≈ p={tests['weighting=c'].p:.2g} welch" in cells["c"]
+    assert "≈ p=1 paired" in cells["e"] and "≈" not in cells["f"] and "≈" not in cells["d"]
+    assert cells["g"] == "50 ± — [—]"
+    with (tmp_path / "comparison" / "comparison.csv").open() as f:
+        table = {rec["configuration"].removeprefix("weighting="): rec for rec in csv.DictReader(f)}
+    assert table["a"]["final/sliced_w2_test"] == "best" and table["g"]["final/sliced_w2_test"] == ""
+    assert math.isnan(float(table["g"]["final/sliced_w2_ci_low"]))
+    assert math.isnan(float(table["g"]["final/sliced_w2_p_vs_best"]))
+    for name in "bcdef":
+        assert table[name]["final/sliced_w2_test"] == tests[f"weighting={name}"].kind
+        assert float(table[name]["final/sliced_w2_p_vs_best"]) == tests[f"weighting={name}"].p
+
+
+def test_t_tests_are_scipys_and_zero_spread_is_decided():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, 5).tolist(), rng.normal(0.5, 2, 7).tolist()
+    welch, scipy_welch = welch_t_test(a, b), stats.ttest_ind(b, a, equal_var=False)
+    assert (welch.t, welch.df, welch.p) == pytest.approx(
+        (scipy_welch.statistic, scipy_welch.df, scipy_welch.pvalue), rel=1e-10
+    )
+    paired, scipy_paired = paired_t_test(a, b[:5]), stats.ttest_rel(b[:5], a)
+    assert (paired.t, paired.df, paired.p) == pytest.approx(
+        (scipy_paired.statistic, scipy_paired.df, scipy_paired.pvalue), rel=1e-10
+    )
+    # no spread of the differences (exact in floats): equal means are indistinguishable, an offset certain
+    c = [0.0, 1.0, 2.0, 4.0]
+    assert paired_t_test(c, c).p == 1.0 and paired_t_test(c, [x + 1 for x in c]).p == 0.0
+    assert welch_t_test([1.0, 1.0], [1.0, 1.0]).p == 1.0 and welch_t_test([1.0, 1.0], [2.0, 2.0]).p == 0.0
+    with pytest.raises(ValueError, match=">= 2"):
+        welch_t_test([1.0], [1.0, 2.0])
+
+
+# ---- curves against σ_rel, guidance and training images --------------------------------------------
+SIGMA_RELS = (0.05, 0.1, 0.2)
+GUIDANCES = (1.0, 2.0, 3.0)
+TRAIN_IMAGES = (1000, 2000, 4000)
+OLD_FIELDS = [f for f in EvalRow.__dataclass_fields__ if f not in ("guidance", "train_images")]
+
+
+def _eval_row(value: float, nfe: int = 35, weights: str = "ema", **axes) -> EvalRow:
+    return EvalRow(
+        key="fid/1000_heun35_ema",
+        metric="fid",
+        value=value,
+        num_samples=1000,
+        sampler="heun",
+        steps=(nfe + 1) // 2,
+        nfe=nfe,
+        seeds="0-999",
+        weights=weights,
+        reference="{}",
+        sampler_config="{}",
+        **axes,
+    )
+
+
+def _write_old_csv(path: Path, extra: dict, rows: list[EvalRow]) -> None:
+    """``rows`` in a CSV as written before the guidance and train_images columns, ``extra`` first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*extra, *OLD_FIELDS])
+        writer.writeheader()
+        writer.writerows({**extra, **{k: vars(row)[k] for k in OLD_FIELDS}} for row in rows)
+
+
+@pytest.fixture(scope="module")
+def eval_sweep(tmp_path_factory) -> tuple[Path, list[Row], dict]:
+    """weighting ∈ {edm, flow} × 3 seeds, each job with ``grid.csv`` files as ``evaluate samplers``
+    writes them: post-hoc EMA σ_rel, guidance (with EMA and raw weights) and snapshots (training
+    images), and an old-format ``grid.csv`` (no guidance / train_images columns) over NFE; the
+    compared rows and the expected curves: x axis → line → x → values in job order."""
+    root = tmp_path_factory.mktemp("evals")
+    rng = np.random.default_rng(2)
+    best = {"edm": 0.05, "flow": 0.2}  # each configuration's best σ_rel, up to the noise
+    expected: dict = {x: {} for x in ("sigma_rel", "guidance", "train_images", "nfe")}
+
+    def add(x: str, line: str, at: float, value: float) -> None:
+        expected[x].setdefault(line, {}).setdefault(at, []).append(value)
+
+    for n, (w, seed) in enumerate((w, s) for w in best for s in SEEDS):
+        job = root / str(n)
+        write_job(job, [f"weighting={w}", f"seed={seed}"], {"seed": seed}, {"fd_digits/x": 1.0})
+        noise = rng.normal(0, 0.01, 18).tolist()
+        ema = [(s, 10 + 100 * (s - best[w]) ** 2 + noise.pop()) for s in SIGMA_RELS]
+        append_rows(job / "ema" / "grid.csv", [_eval_row(v, weights=f"sigma_rel:{s}") for s, v in ema])
+        guided = [(g, wt, 5 + g + (wt == "raw") + noise.pop()) for g in GUIDANCES for wt in ("ema", "raw")]
+        append_rows(job / "cfg" / "grid.csv", [_eval_row(v, weights=wt, guidance=g) for g, wt, v in guided])
+        snaps = [(i, 100 / i + noise.pop()) for i in TRAIN_IMAGES]
+        append_rows(job / "snap" / "grid.csv", [_eval_row(v, train_images=i) for i, v in snaps])
+        old = [(nfe, 20 / nfe + noise.pop()) for nfe in (9, 17, 35)]
+        _write_old_csv(job / "old" / "grid.csv", {"checkpoint": "c"}, [_eval_row(v, nfe=k) for k, v in old])
+        cfg = f"weighting={w}"
+        for s, v in ema:
+            add("sigma_rel", f"heun35 {cfg}", s, v)
+        for g, wt, v in guided:
+            add("guidance", f"heun35 weights={wt} {cfg}", g, v)
+        for i, v in snaps:
+            add("train_images", f"heun35 {cfg}", i, v)
+        for nfe, v in old:  # the NFE plot tells the old rows apart from the others by what they lack
+            add("nfe", f"heun weights=ema {cfg}", nfe, v)
+    return root, main([str(root)]), expected
+
+
+def test_curves_against_sigma_rel_guidance_and_training_images(eval_sweep):
+    root, rows, expected = eval_sweep
+    assert not any(j.unreadable for r in rows for j in r.jobs)
+    for x in ("sigma_rel", "guidance", "train_images"):
+        assert curves(rows, METRICS, x) == {"fid": expected[x]}, x
+        assert (root / "comparison" / f"fid_vs_{x}.png").stat().st_size > 10_000, x
+    # against NFE, the new rows are single points (NFE 35) on lines of their own, left out of the plot
+    nfe = curves(rows, METRICS, "nfe")["fid"]
+    assert {line: pts for line, pts in nfe.items() if len(pts) > 1} == expected["nfe"]
+    assert all(35 in pts and len(pts) == 1 for line, pts in nfe.items() if line not in expected["nfe"])
+    assert (root / "comparison" / "metric_vs_nfe.png").stat().st_size > 10_000
+
+
+def test_best_sigma_rel_of_each_configuration(eval_sweep):
+    root, rows, expected = eval_sweep
+    found = best_sigma_rel(rows, METRICS)
+    assert [(b.metric, b.line) for b in found] == [("fid", line) for line in expected["sigma_rel"]]
+    text = (root / "comparison" / "comparison.md").read_text()
+    with (root / "comparison" / "best_sigma_rel.csv").open() as f:
+        table = {rec["line"]: rec for rec in csv.DictReader(f)}
+    for b in found:
+        pts = expected["sigma_rel"][b.line]
+        means = {s: np.mean(v) for s, v in pts.items()}
+        sigma = min(means, key=means.__getitem__)
+        assert (b.sigma_rel, b.values, b.evaluated) == (sigma, pts[sigma], list(SIGMA_RELS))
+        assert float(table[b.line]["sigma_rel"]) == sigma and int(table[b.line]["seeds"]) == len(SEEDS)
+        assert float(table[b.line]["mean"]) == pytest.approx(means[sigma], rel=1e-12)
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| `{b.line}` | fid ↓ | {sigma:g} |"))
+        assert f"{means[sigma]:.4g} ± {np.std(pts[sigma], ddof=1):.4g}" in line
+    assert {b.line.split()[-1]: b.sigma_rel for b in found} == {"weighting=edm": 0.05, "weighting=flow": 0.2}
+
+
+def test_old_grid_csv_without_the_new_columns(tmp_path):
+    """A ``grid.csv`` and an ``eval/fid.csv`` written before the guidance and train_images columns."""
+    values: dict = {}
+    for n, seed in enumerate((0, 1)):
+        job = tmp_path / str(n)
+        write_job(job, [f"seed={seed}"], {"seed": seed}, {"fd_digits/x": 1.0})
+        for name, extra, nfes in (
+            ("grid.csv", {"checkpoint": "c"}, (9, 17)),
+            ("eval/fid.csv", {"step": 4}, [35]),
+        ):
+            for nfe in nfes:
+                values.setdefault(nfe, []).append(1 / nfe + seed)
+            _write_old_csv(job / name, extra, [_eval_row(1 / nfe + seed, nfe=nfe) for nfe in nfes])
+    rows = main([str(tmp_path)])
+    assert not any(j.unreadable for r in rows for j in r.jobs)
+    assert curves(rows, METRICS, "nfe") == {"fid": {"heun": values}}
+    assert all(curves(rows, METRICS, x) == {} for x in ("sigma_rel", "guidance", "train_images"))
+    assert (tmp_path / "comparison" / "metric_vs_nfe.png").exists()
+    assert not (tmp_path / "comparison" / "best_sigma_rel.csv").exists()

@@ -18,7 +18,7 @@ import diffusionflow
 PACKAGE = Path(diffusionflow.__file__).parent
 LEAVES = {"errors", "paths"}
 MIDDLE = {"nn", "data", "metrics"}
-ENTRY_POINTS = {"train", "sample", "evaluate", "compare"}
+ENTRY_POINTS = {"train", "sample", "evaluate", "compare", "encode"}
 LEVEL = {"core": 0, **dict.fromkeys(MIDDLE, 1), "lightning": 2}
 HELPER, ENTRY = 3, 4
 NOT_IN_CORE = ("lightning", "hydra", "omegaconf", "wandb", "torchvision", "matplotlib")

@@ -2,33 +2,46 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import socket
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffusionflow import sample as sample_module
 from diffusionflow.checkpoint import build_module, load_module
-from diffusionflow.config import ConfigError
+from diffusionflow.config import ConfigError, instantiate_checked
 from diffusionflow.core.samplers import Heun, seeded_noise
+from diffusionflow.core.samplers import build as build_sampler
 from diffusionflow.data.toy2d import mixture
+from diffusionflow.evaluate import main as evaluate_main
 from diffusionflow.lightning import final_eval
 from diffusionflow.lightning.module import DiffusionModule
+from diffusionflow.metrics.extractors import save_random_inception_weights, to_uint8
+from diffusionflow.metrics.generate import generate
+from diffusionflow.metrics.images import count_images, image_batches, save_png_folder
 from diffusionflow.metrics.toy import energy_distance
 from diffusionflow.paths import CONFIG_DIR
-from diffusionflow.sample import sample
+from diffusionflow.sample import Source, sample
 from diffusionflow.train import train
 from train.conftest import compose_train
 
 N = 64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_sample(overrides: list[str]) -> DictConfig:
@@ -161,7 +174,7 @@ def conditional_ckpt(tmp_path_factory) -> Path:
 def test_conditional_checkpoint_cycles_labels_and_guides(conditional_ckpt, tmp_path):
     args = (f"ckpt_path={conditional_ckpt}", "weights=raw", "sampler.steps=3", "num_samples=12")
     plain = run(tmp_path / "plain", *args)
-    assert plain["samples"].shape == (12, 1, 8, 8)
+    assert plain["arr_0"].shape == (12, 8, 8, 1) and plain["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(plain["labels"], np.arange(12) % 10)
     assert plain["guidance"] == 1.0 and plain["nfe"] == 5
     assert (tmp_path / "plain" / "samples.png").exists()
@@ -169,7 +182,7 @@ def test_conditional_checkpoint_cycles_labels_and_guides(conditional_ckpt, tmp_p
     guided = run(tmp_path / "guided", *args, "guidance=3.0", "labels=[0,7]")
     np.testing.assert_array_equal(guided["labels"], [0, 7] * 6)
     assert guided["guidance"] == 3.0 and guided["nfe"] == 5
-    assert not np.allclose(guided["samples"][0], plain["samples"][0], atol=1e-4)
+    assert not np.array_equal(guided["arr_0"][0], plain["arr_0"][0])
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +213,9 @@ def checkpoints(ckpt, conditional_ckpt, tmp_path_factory) -> dict[str, Path]:
         (["oracle=blog", "seed=-1"], "seed=-1: expected an integer >= 0"),
         (["oracle=blog", "seed=true"], "seed=True: expected an integer >= 0"),
         (["oracle=blog", "weights=best"], "weights='best' is unknown; allowed: \\['ema', 'raw'\\]"),
+        (["oracle=blog", "format=jpg"], "^format='jpg': expected one of \\['npz', 'png', 'both'\\]$"),
+        (["oracle=blog", "format=png"], "^format=png: oracle blog samples 2-D points, not images; .*=npz$"),
+        (["ckpt_path={ckpt}", "format=both"], "^format=both: checkpoint .* samples 2-D points, not images"),
         (["oracle=blog", "guidance=2.0"], "guidance=2.0 needs a class-conditional model"),
         (["ckpt_path={ckpt}", "guidance=2.0"], "guidance=2.0 needs a class-conditional model"),
         (["ckpt_path={ckpt}", "labels=[1]"], "labels=\\[1\\] needs a class-conditional model"),
@@ -263,3 +279,188 @@ def test_command_line_writes_to_the_run_dir(tmp_path):
     summary = f"32 samples from oracle eight (exact) with dpmpp_2m, 10 steps, NFE 10 -> {run_dir}"
     assert summary in result.stdout
     assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").sampler.steps == 10
+
+
+def images_of(out_dir: Path) -> np.ndarray:
+    """samples/*.png of ``out_dir`` as uint8 NHWC (grey kept as one channel), after checking the names."""
+    files = sorted((out_dir / "samples").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(len(files))]
+    read = torch.cat(list(image_batches(out_dir / "samples", batch_size=7)))  # grey read as RGB
+    return read[:, :1].permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "png", "both"])
+def test_images_are_the_rounded_samples_of_their_seeds(conditional_ckpt, tmp_path, fmt):
+    """Images are written as EDM writes them: ``to_uint8`` of the per-seed generator's samples, NHWC under
+    ``arr_0`` in samples.npz and / or as ``samples/<index>.png``; a larger earlier run's extra PNGs go."""
+    args = [f"ckpt_path={conditional_ckpt}", "weights=raw", "sampler=ddpm", "sampler.steps=3", "batch_size=5"]
+    module = load_module(conditional_ckpt, "raw")
+    peer = generate(module, range(12), shape=(1, 8, 8), batch_size=5, sampler=build_sampler("ddpm", steps=3))
+    expected = to_uint8(peer).permute(0, 2, 3, 1).numpy()
+    if fmt != "npz":
+        save_png_folder(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), tmp_path / "samples")
+    sample(compose_sample([f"out_dir={tmp_path}", "num_samples=12", f"format={fmt}", *args]))
+    assert (tmp_path / "samples.npz").exists() == (fmt != "png")
+    assert (tmp_path / "samples").is_dir() == (fmt != "npz")
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    assert not (tmp_path / "samples.npy.partial").exists()
+    if fmt != "png":
+        with np.load(tmp_path / "samples.npz", allow_pickle=False) as f:
+            assert "samples" not in f.files and "images" not in f.files  # evaluate sets reads arr_0
+            np.testing.assert_array_equal(f["arr_0"], expected)
+            np.testing.assert_array_equal(f["labels"], np.arange(12) % 10)
+        assert count_images(tmp_path / "samples.npz") == 12
+    if fmt != "npz":
+        np.testing.assert_array_equal(images_of(tmp_path), expected)
+
+
+def test_evaluate_sets_reads_the_outputs(conditional_ckpt, tmp_path):
+    """``evaluate sets`` takes samples.npz and samples/ as they are: the same 16 images, FID 0."""
+    args = [f"ckpt_path={conditional_ckpt}", "weights=raw", "sampler.steps=2", "num_samples=16"]
+    sample(compose_sample([f"out_dir={tmp_path}", "format=both", *args]))
+    weights = save_random_inception_weights(tmp_path / "inception.pth")
+    npz, pngs = str(tmp_path / "samples.npz"), str(tmp_path / "samples")
+    result = evaluate_main(["sets", npz, pngs, "--fid", "--inception-weights", str(weights)])
+    assert result["num_samples_input1"] == result["num_samples_input2"] == 16
+    assert abs(result["frechet_inception_distance"]) < 1e-6
+
+
+class Blank:
+    """A model whose sampling costs next to nothing (denoiser tanh z) on RGB images: the memory test can
+    then draw many."""
+
+    num_classes = 0
+    training = False
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.schedule = instantiate_checked(cfg.schedule, "schedule")
+        self.sampler = instantiate_checked(cfg.sampler, "sampler")
+
+    def denoiser(self, labels: Any = None, guidance: Any = None) -> Any:
+        return lambda z, t: torch.tanh(z)
+
+    def eval(self) -> Blank:
+        return self
+
+    def train(self, mode: bool = True) -> Blank:
+        return self
+
+
+def live_bytes() -> int:
+    """Bytes of the CPU tensors and data-owning numpy arrays alive now (memory maps excluded)."""
+    storages = {}
+    for obj in gc.get_objects():
+        kind = type(obj)  # not isinstance: torch's __instancecheck__ is slow over a million objects
+        if (kind is torch.Tensor or kind is torch.nn.Parameter) and obj.device.type == "cpu":
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif kind is np.ndarray and obj.base is None:
+            storages[obj.ctypes.data] = obj.nbytes
+    return sum(storages.values())
+
+
+def test_memory_does_not_grow_with_the_number_of_samples(tmp_path, monkeypatch):
+    """The tensors and arrays alive (``gc``) once every batch is written, and the peak of Python's
+    allocations (``tracemalloc``: numpy buffers, bytes) over the whole run, packing the npz included,
+    stay flat from 4 to 16 batches, where holding the images would add 12 batches of them; the files
+    hold every image."""
+    batch, shape = 32, (3, 32, 32)
+    monkeypatch.setattr(
+        sample_module,
+        "_checkpoint_source",
+        lambda cfg, device: Source("blank", "raw", Blank(cfg), shape=shape),
+    )
+    original = sample_module.generate_batches
+
+    def measure(n: int) -> tuple[int, int]:
+        between, peaks = [], []
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            yield from original(*args, **kwargs)
+            # every batch is written: what was kept of them is alive now
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            between.append(live_bytes())
+            tracemalloc.reset_peak()  # gc.get_objects' list is not the sampler's
+
+        monkeypatch.setattr(sample_module, "generate_batches", watched)
+        overrides = ["ckpt_path=blank", "sampler=euler", "sampler.steps=1", f"batch_size={batch}"]
+        cfg = compose_sample([f"out_dir={tmp_path / str(n)}", f"num_samples={n}", "format=both", *overrides])
+        tracemalloc.start()
+        try:
+            sample(cfg)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        out = tmp_path / str(n)
+        assert count_images(out / "samples.npz") == count_images(out / "samples") == n
+        return between[0], max(peaks)
+
+    small, large = measure(4 * batch), measure(16 * batch)
+    held = (16 - 4) * batch * int(np.prod(shape))  # the extra images as uint8
+    assert large[0] - small[0] < held / 4, (small, large, held)
+    assert large[1] - small[1] < held / 4, (small, large, held)
+
+
+def _two_ranks(rank: int, ports: tuple[int, int], folder: str, overrides: list[str]) -> None:
+    """Rank ``rank`` of 2 as torchrun starts it (gloo): first with a different out_dir per rank (an
+    error, recorded), then into one folder."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    errors = []
+    os.environ["MASTER_PORT"] = str(ports[0])
+    try:
+        sample(compose_sample([f"out_dir={folder}/rank{rank}", *overrides]))
+    except ConfigError as err:
+        errors.append(str(err))
+    os.environ["MASTER_PORT"] = str(ports[1])
+    sample(compose_sample([f"out_dir={folder}/two", *overrides]))
+    Path(folder, f"errors{rank}.json").write_text(json.dumps(errors))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_write_what_one_writes(conditional_ckpt, tmp_path):
+    """Two gloo processes, 13 samples in batches of 4 (ranks draw 6 and 7), a stochastic sampler and
+    labels: samples.npz, samples/ and samples.png are those of one process, byte for byte; different
+    out_dirs per rank are refused on both ranks before anything is written."""
+    overrides = [
+        f"ckpt_path={conditional_ckpt}",
+        "weights=raw",
+        "sampler=ddpm",
+        "sampler.steps=3",
+        "num_samples=13",
+        "batch_size=4",
+        "format=both",
+        "device=cpu",
+    ]
+    mp.spawn(_two_ranks, args=((_free_port(), _free_port()), str(tmp_path), overrides), nprocs=2, join=True)
+    sample(compose_sample([f"out_dir={tmp_path / 'one'}", *overrides]))
+    for rank in range(2):
+        (error,) = json.loads((tmp_path / f"errors{rank}.json").read_text())
+        assert error.startswith("out_dir differs between the 2 processes (rank 0: ")
+        assert not (tmp_path / f"rank{rank}").exists()
+    one, two = tmp_path / "one", tmp_path / "two"
+    with np.load(one / "samples.npz") as a, np.load(two / "samples.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+    names = sorted(p.name for p in (one / "samples").iterdir())
+    assert names == sorted(p.name for p in (two / "samples").iterdir()) and len(names) == 13
+    for name in [*(f"samples/{n}" for n in names), "samples.png"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_torchrun_needs_a_named_out_dir(tmp_path, monkeypatch):
+    """Under torchrun the default run folder (named by the start time) could differ between processes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="^out_dir is the default run folder, .* give out_dir=<dir>$"):
+        sample(compose_sample(["oracle=blog", f"paths.log_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="^WORLD_SIZE=2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT "):
+        sample(compose_sample(["oracle=blog", f"out_dir={tmp_path / 'out'}"]))
+    assert list(tmp_path.iterdir()) == []

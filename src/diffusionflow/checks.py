@@ -216,6 +216,17 @@ TRAIN: dict[str, Rule] = {
     "model.optimizer.lr": Number(ge=0),  # 0 freezes the weights (tests of evaluation use it)
     "model.guidance": Number(),
     "model.label_dropout": Number(ge=0, lt=1),
+    # augment=edm (data/augment.py); its label count against backbone.augment_dim: DiffusionModule
+    "model.augment.p": Number(ge=0, le=1),
+    "model.augment.rotate_frac_max": Number(ge=0, le=1),
+    "model.augment.aniso_rotate_prob": Number(ge=0, le=1),
+    "model.augment.*_std": Number(ge=0),
+    "model.augment.[xy]flip": Number(ge=0),
+    "model.augment.scale": Number(ge=0),
+    "model.augment.rotate_frac": Number(ge=0),
+    "model.augment.aniso": Number(ge=0),
+    "model.augment.translate_frac": Number(ge=0),
+    "backbone.augment_dim": Int(ge=0),
     # Lightning's ModelCheckpoint takes 0 (never); the others count steps or epochs between events
     "callbacks.model_checkpoint.every_n_*": Int(ge=0, null=True),
     "callbacks.*.*every_n_*": Int(ge=1, null=True),
@@ -232,6 +243,7 @@ SAMPLE: dict[str, Rule] = {
     "seed": Int(ge=0),
     **SAMPLER,
     "guidance": Number(null=True),
+    "format": OneOf(("npz", "png", "both")),
 }
 """``diffusionflow.sample``'s keys (``conf/sample.yaml``)."""
 

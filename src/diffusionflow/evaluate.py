@@ -2,14 +2,24 @@
 
     python -m diffusionflow.evaluate samplers --ckpt logs/train/runs/<run>/checkpoints/last.ckpt \\
         --samplers heun:18,ddim:10,ddim:20 --num-samples 50000 --metric fid --out logs/eval/<run>
+    torchrun --nproc_per_node 8 -m diffusionflow.evaluate samplers --ckpt '<run>/checkpoints/*.ckpt' \\
+        --samplers heun:32 --guidance 1,1.5,2 --ema-sigma-rel 0.05,0.1,0.15 --metric fid --out <run>/eval
     python -m diffusionflow.evaluate nll --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --method ode,elbo
     python -m diffusionflow.evaluate sets samples.npz cifar10-train/ --fid --kid --isc --json out.json
     python -m diffusionflow.evaluate prefetch [--dest DIR]
 
-``samplers`` measures one checkpoint with several samplers × step counts: the same per-sample seeds
+``samplers`` measures the grid checkpoints × weights × samplers × guidance scales: ``--ckpt`` a file, a
+folder or a glob of one run's checkpoints (rows carry the training images seen, steps × global batch),
+``--weights ema,raw`` and/or post-hoc EMA widths ``--ema-sigma-rel``, ``--samplers`` name:steps and
+``--guidance`` classifier-free guidance scales. Every row has the same per-sample seeds
 (``diffusionflow.metrics.generate``) and reference statistics as training's ``FIDCallback`` (so a row and
-the callback's value at that checkpoint agree), written to ``grid.csv`` and plotted against NFE in
-``fid_vs_nfe.png``. ``--metric`` is ``fid`` (Inception), ``fd_digits`` (the digits classifier) or
+the callback's value at that checkpoint agree); they are written to ``grid.csv`` and plotted against NFE
+in ``fid_vs_nfe.png`` (and against training images and guidance, ``fid_vs_train_images.png`` and
+``fid_vs_guidance.png``, when those vary). Several GPUs: start it with ``torchrun`` (plain
+``torch.distributed``, as the training FID, not Fabric: no extra launcher or wrapper for a loop that only
+generates and sums); each process draws its shard of the seeds and the float64 feature sums are
+all-reduced, so ``grid.csv`` does not depend on the number of processes; rank 0 writes it.
+``--metric`` is ``fid`` (Inception), ``fd_digits`` (the digits classifier) or
 ``toy`` (sliced W2, energy distance and exact log-density on 2-D data). ``nll`` estimates the negative
 log-likelihood of points of the run's own data set through the probability-flow ODE and the ELBO
 (``diffusionflow.nll``), in nats and bits/dim, written to ``nll.json``. ``sets`` is
@@ -21,10 +31,13 @@ which nothing else ever does.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +46,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from diffusionflow.checkpoint import WEIGHTS, load_module
+from diffusionflow.checkpoint import (
+    POSTHOC,
+    WEIGHTS,
+    check_ckpt_path,
+    check_posthoc,
+    load_module,
+    posthoc_sigma_rel,
+)
 from diffusionflow.checks import check_device
 from diffusionflow.config import instantiate_checked
+from diffusionflow.core.posthoc_ema import SIGMA_REL_MAX
+from diffusionflow.distributed import Ranks, barrier, close_ranks, gather_objects, init_ranks
 from diffusionflow.errors import ConfigError
+from diffusionflow.lightning.checkpoint_io import read_checkpoint
 from diffusionflow.metrics.digits_classifier import DigitsClassifier, default_cache_dir
-from diffusionflow.metrics.extractors import WEIGHTS_FILENAME, InceptionV3, default_weights_path
+from diffusionflow.metrics.extractors import (
+    EXTRACTORS,
+    PRETRAINED,
+    WEIGHTS_FILENAME,
+    InceptionV3,
+    PretrainedWeights,
+    TorchFidelityExtractor,
+    build_extractor,
+    default_weights_path,
+)
 from diffusionflow.metrics.fid import (
     REFERENCE_SPLITS,
     EvalRow,
@@ -52,9 +84,10 @@ from diffusionflow.metrics.fid import (
     reference_moments,
 )
 from diffusionflow.metrics.frechet import FrechetStats, frechet_distance
-from diffusionflow.metrics.generate import generate, nfe_of, parse_samplers
+from diffusionflow.metrics.generate import generate, nfe_of, parse_samplers, shard
 from diffusionflow.metrics.toy_samples import toy_metrics
 from diffusionflow.nll import METHODS, data_points, exact_nll, nll_estimates, prepare, summary
+from diffusionflow.nn.vae import PUBLISHED
 
 __all__ = ["build_parser", "main", "nll", "prefetch", "samplers", "sets"]
 
@@ -62,7 +95,19 @@ log = logging.getLogger(__name__)
 
 METRICS = ("fid", "fd_digits", "toy")
 PREFETCH = "python -m diffusionflow.evaluate prefetch"
-SAMPLERS_CSV, SAMPLERS_PNG, NLL_JSON = "grid.csv", "fid_vs_nfe.png", "nll.json"
+_SD_VAE = PUBLISHED["sd-vae-ft-ema"]
+PREFETCH_FILES = {
+    **PRETRAINED,
+    _SD_VAE.prefetch_key: PretrainedWeights(
+        what=f"SD VAE ({_SD_VAE.hub_id})",
+        key=_SD_VAE.prefetch_key,
+        filename=_SD_VAE.filename,
+        url=_SD_VAE.url,
+        options="`--vae-weights` (encode) / `data.vae.weights_path` (config)",
+    ),
+}
+"""``prefetch --what`` key → weights file: the metrics' networks and the SD VAE of the latent data."""
+SAMPLERS_CSV, SAMPLERS_PNG, NLL_JSON = "grid.csv", "fid_vs_{axis}.png", "nll.json"
 """``grid.csv``: the name ``diffusionflow.compare`` collects (``**/grid.csv``) beside ``eval/fid.csv``."""
 
 
@@ -91,18 +136,163 @@ def _inception(weights: str | None, device: torch.device) -> InceptionV3:
 
 
 # ---- samplers ----------------------------------------------------------------------------------------
+AXES = {"nfe": "NFE", "train_images": "training images", "guidance": "guidance scale"}
+"""The x axes of the grid's pictures, ``fid_vs_<axis>.png``: NFE always, the others when they vary."""
+SAME_DATA = ("shape", "num_classes", "train_dataset", "val_dataset")
+"""What the checkpoints of one grid share: the reference statistics are those of this data."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint of the run and the number of training images its weights had seen."""
+
+    path: Path
+    train_images: int | None
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One cell of the grid: checkpoint × weights × sampler × guidance scale."""
+
+    snapshot: Snapshot
+    weights: str
+    sampler: Any
+    nfe: int
+    guidance: float | None
+
+
+def _numbers(flag: str, text: str | None, allowed: str, ok: Callable[[float], bool]) -> list[float]:
+    """The distinct comma-separated numbers of ``flag`` (none when it is not given), each passing ``ok``."""
+    if text is None:
+        return []
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or len(set(values)) != len(values) or not all(math.isfinite(v) and ok(v) for v in values):
+        raise CommandError(f"{flag} {text}: allowed a comma-separated list of distinct {allowed}")
+    return values
+
+
+def _weights_axis(args: argparse.Namespace) -> list[str]:
+    """``--weights`` (default ``ema``, none when only ``--ema-sigma-rel`` is given), then ``sigma_rel:x``
+    for each x of ``--ema-sigma-rel``: the post-hoc EMA of that width (EDM2) that ``load_module``
+    reconstructs from the run's snapshots."""
+    sigma_rels = _numbers(
+        "--ema-sigma-rel",
+        args.ema_sigma_rel,
+        f"numbers in (0, {SIGMA_REL_MAX:.4f}), the widths of power-function EMA profiles, e.g. 0.05,0.1",
+        lambda v: 0 < v < SIGMA_REL_MAX,
+    )
+    named = args.weights.split(",") if args.weights else [] if sigma_rels else ["ema"]
+    if any(w not in WEIGHTS for w in named) or len(set(named)) != len(named):
+        raise CommandError(
+            f"--weights {args.weights}: allowed a comma-separated list of distinct values from "
+            f"{list(WEIGHTS)}"
+        )
+    return named + [f"{POSTHOC}{x}" for x in sigma_rels]
+
+
+def _checkpoint_files(spec: str) -> list[Path]:
+    """``--ckpt``: a file, a folder (its ``*.ckpt``) or a glob; a folder or glob that matches no file is
+    an error naming it."""
+    check_ckpt_path(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files, why = sorted(path.glob("*.ckpt")), "the folder holds no *.ckpt file"
+    elif any(c in spec for c in "*?["):
+        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file())
+        why = "the pattern matches no file"
+    else:
+        return [path]
+    if not files:
+        raise CommandError(
+            f"--ckpt {spec}: {why}; allowed: a checkpoint file, a folder of checkpoints or a quoted glob of "
+            "checkpoints of one run"
+        )
+    return files
+
+
+def _snapshots(
+    files: Sequence[Path], weights: Sequence[str], args: argparse.Namespace
+) -> tuple[list[Snapshot], DictConfig]:
+    """Every checkpoint checked with every weights before any sampling (``load_module``, or
+    ``check_posthoc`` for a post-hoc width, which reads no weights); in the order of training images
+    (optimizer steps × ``data.batch_size``, the global batch, × ``trainer.accumulate_grad_batches``).
+    ``--guidance`` needs class-conditional checkpoints, and all must have the first's data sets
+    (``SAME_DATA``: one reference) but may differ in batch size (a resume may change it).
+    A ``last.ckpt`` of the same step as another file is that file again: left out. Also returns the
+    first checkpoint's ``data`` config."""
+    snapshots, data = [], None
+    for path in files:
+        ckpt = read_checkpoint(path, mmap=True)  # a file that is not a checkpoint: load_module's error
+        for w in weights:
+            sigma_rel = posthoc_sigma_rel(w)
+            if sigma_rel is None:
+                load_module(path, w)
+            else:
+                check_posthoc(path, sigma_rel)
+        config = ckpt.get("hyper_parameters", {}).get("config")
+        if not config:  # only post-hoc widths, which check_posthoc reads without the run config
+            raise CommandError(f"--ckpt {args.ckpt}: {path} stores no run config (hyper_parameters.config)")
+        cfg = OmegaConf.create(config)
+        if args.guidance is not None and not cfg.data.num_classes:
+            raise CommandError(
+                f"--guidance {args.guidance}: {path} is an unconditional checkpoint (data.num_classes=0); "
+                "classifier-free guidance needs a class-conditional one"
+            )
+        if data is not None and any(cfg.data.get(k) != data.get(k) for k in SAME_DATA):
+            raise CommandError(
+                f"--ckpt {args.ckpt}: {path} was trained on other data than {snapshots[0].path} (data."
+                f"{'/'.join(SAME_DATA)}); allowed: checkpoints of one run"
+            )
+        data = cfg.data if data is None else data
+        step = ckpt.get("global_step")
+        batch = int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1)
+        snapshots.append(Snapshot(path, None if step is None else int(step) * batch))
+    steps = {s.train_images for s in snapshots if s.path.name != "last.ckpt"}
+    snapshots = [s for s in snapshots if s.path.name != "last.ckpt" or s.train_images not in steps]
+    return sorted(snapshots, key=lambda s: (s.train_images or 0, str(s.path))), data
+
+
+def _key(metric: str, point: GridPoint, args: argparse.Namespace) -> str:
+    """``metric_key``, with ``_cfg<scale>`` when ``--guidance`` sets the scale."""
+    key = metric_key(metric, args.num_samples, point.sampler.name, point.nfe, point.weights)
+    return key if point.guidance is None else f"{key}_cfg{point.guidance:g}"
+
+
+def _row(metric: str, value: float, point: GridPoint, args: argparse.Namespace, reference: str) -> EvalRow:
+    return EvalRow(
+        key=_key(metric, point, args),
+        metric=metric,
+        value=value,
+        num_samples=args.num_samples,
+        sampler=point.sampler.name,
+        steps=point.sampler.steps,
+        nfe=point.nfe,
+        seeds=f"{args.seed_offset}-{args.seed_offset + args.num_samples - 1}",
+        weights=point.weights,
+        reference=reference,
+        sampler_config=repr(point.sampler),
+        guidance=point.guidance,
+        train_images=point.snapshot.train_images,
+    )
+
+
 def _toy_rows(
-    module: Any, sampler: Any, nfe: int, datamodule: Any, args: argparse.Namespace
+    module: Any, point: GridPoint, datamodule: Any, ranks: Ranks, args: argparse.Namespace
 ) -> list[EvalRow]:
-    """Sliced W2, energy distance (and their floors) and exact log-densities of 2-D samples."""
-    samples = generate(
+    """Sliced W2, energy distance (and their floors) and exact log-densities of 2-D samples: each rank
+    draws its shard of the seeds, every rank scores all of them."""
+    mine = generate(
         module,
-        range(args.num_samples),
+        shard(args.num_samples, ranks.rank, ranks.world),
         shape=datamodule.shape,
         batch_size=args.batch_size,
         seed_offset=args.seed_offset,
-        sampler=sampler,
+        sampler=point.sampler,
     )
+    samples = torch.cat(gather_objects(ranks, mine))
     dataset = datamodule.train_set
     reference = json.dumps(
         {
@@ -111,53 +301,122 @@ def _toy_rows(
         }
     )
     return [
-        _row(name, value, sampler, nfe, args, reference)
+        _row(name, value, point, args, reference)
         for name, value in toy_metrics(samples, dataset, args.num_samples, args.seed_offset).items()
     ]
 
 
-def _row(
-    metric: str, value: float, sampler: Any, nfe: int, args: argparse.Namespace, reference: str
+def _fd_row(
+    module: Any,
+    point: GridPoint,
+    extractor: Any,
+    moments: tuple[Any, Any, str],
+    shape: Sequence[int],
+    ranks: Ranks,
+    args: argparse.Namespace,
 ) -> EvalRow:
-    return EvalRow(
-        key=metric_key(metric, args.num_samples, sampler.name, nfe, args.weights),
-        metric=metric,
-        value=value,
-        num_samples=args.num_samples,
-        sampler=sampler.name,
-        steps=sampler.steps,
-        nfe=nfe,
-        seeds=f"{args.seed_offset}-{args.seed_offset + args.num_samples - 1}",
-        weights=args.weights,
-        reference=reference,
-        sampler_config=repr(sampler),
+    """The Fréchet distance of one grid point: each rank generates its shard of the seeds, the float64
+    feature sums are all-reduced (as ``FIDCallback`` does), so the value does not depend on the ranks."""
+    metric = metric_name_of(extractor)
+    gen = generate_features(
+        module,
+        point.sampler,
+        shard(args.num_samples, ranks.rank, ranks.world),
+        extractor,
+        shape=shape,
+        batch_size=args.batch_size,
+        seed_offset=args.seed_offset,
+        progress=ranks.is_main,
+        desc=_key(metric, point, args),
     )
+    gen.stats.all_reduce()
+    mu, sigma, reference = moments
+    return _row(metric, frechet_distance(*gen.stats.mean_cov(), mu, sigma), point, args, reference)
 
 
-def _plot(rows: Sequence[EvalRow], path: Path) -> None:
-    """Metric vs NFE (log x), one line per sampler, one panel per metric (a ``*_floor`` metric is drawn
-    as a dashed line in its metric's panel)."""
+def _digits_classifier(cache: Path, ranks: Ranks) -> DigitsClassifier:
+    """The cached digits classifier, built by rank 0 first (a cache miss trains it once)."""
+    if not ranks.is_main:
+        barrier(ranks)
+    classifier = DigitsClassifier(cache).to(ranks.device)
+    if ranks.is_main:
+        barrier(ranks)
+    return classifier
+
+
+def _plot(rows: Sequence[EvalRow], path: Path, x: str = "nfe") -> None:
+    """Metric vs ``x`` (one of ``AXES``), one panel per metric, one line per setting of the other axes
+    that vary (a ``*_floor`` or ``*_data`` metric is drawn as a dashed line in its metric's panel)."""
     metrics = [m for m in dict.fromkeys(r.metric for r in rows) if not m.endswith(("_floor", "_data"))]
+    others = [f for f in ("nfe", "weights", "guidance", "train_images") if f != x]
+    varying = ["sampler"] + [f for f in others if len({getattr(r, f) for r in rows}) > 1]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for sampler in dict.fromkeys(r.sampler for r in rows):
-            points = sorted((r.nfe, r.value) for r in rows if r.metric == metric and r.sampler == sampler)
-            ax.plot(*zip(*points, strict=True), marker="o", label=sampler)
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r.metric == metric and getattr(r, x) is not None:
+                label = " ".join(r.sampler if f == "sampler" else f"{f}={getattr(r, f)}" for f in varying)
+                lines.setdefault(label, []).append((getattr(r, x), r.value))
+        for label, points in lines.items():
+            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
         floors = [r.value for r in rows if r.metric in (f"{metric}_floor", f"{metric}_data")]
         if floors:
             ax.axhline(sum(floors) / len(floors), color="grey", linestyle="--", label="reference level")
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE")
+        if x != "guidance" and min(p for pts in lines.values() for p, _ in pts) > 0:
+            ax.set_xscale("log")
+        ax.set_xlabel(AXES[x])
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric}, {rows[0].num_samples} samples, {rows[0].weights} weights")
+        weights = {r.weights for r in rows}
+        ax.set_title(
+            f"{metric}, {rows[0].num_samples} samples"
+            + (f", {weights.pop()} weights" if len(weights) == 1 else "")
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _write(groups: Sequence[tuple[Snapshot, list[EvalRow]]], out: Path) -> None:
+    """``grid.csv`` (a ``checkpoint`` column first) and a picture per axis that varies."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SAMPLERS_CSV).unlink(missing_ok=True)
+    for snapshot, rows in groups:
+        append_rows(out / SAMPLERS_CSV, rows, checkpoint=str(snapshot.path))
+    rows = [r for _, group in groups for r in group]
+    pictures = [a for a in AXES if a == "nfe" or len({getattr(r, a) for r in rows} - {None}) > 1]
+    for axis in pictures:
+        _plot(rows, out / SAMPLERS_PNG.format(axis=axis), axis)
+    for row in rows:
+        print(f"{row.key}\t{row.value:.6g}")
+    print(f"wrote {out / SAMPLERS_CSV} and {', '.join(SAMPLERS_PNG.format(axis=a) for a in pictures)}")
+
+
+def _measure(
+    snapshot: Snapshot,
+    weights: Sequence[str],
+    measured: Sequence[Any],
+    guidance: Sequence[float],
+    score: Callable[[Any, GridPoint], list[EvalRow]],
+    device: torch.device,
+) -> list[EvalRow]:
+    """The rows of one checkpoint: each weights × sampler × guidance scale (none given: the run's)."""
+    rows = []
+    for w in weights:
+        module = load_module(snapshot.path, w, map_location=device)
+        own = module.guidance
+        for sampler in measured:
+            nfe = nfe_of(sampler, module.schedule)
+            for g in guidance or [None]:
+                module.guidance = own if g is None else g  # the scale generation uses
+                rows += score(module, GridPoint(snapshot, w, sampler, nfe, g))
+    return rows
+
+
 def samplers(args: argparse.Namespace) -> list[EvalRow]:
-    """Every sampler of ``--samplers`` on the checkpoint; writes ``grid.csv`` and ``fid_vs_nfe.png``."""
+    """The grid checkpoints × weights × ``--samplers`` × ``--guidance``: every input checked before any
+    sampling, the extractor and the reference statistics loaded once; rank 0 writes ``grid.csv`` and
+    ``fid_vs_<axis>.png``. Under torchrun each rank measures its shard of the seeds."""
     if args.num_samples < 2 or args.batch_size < 1 or args.seed_offset < 0:
         raise CommandError(
             f"--num-samples {args.num_samples} must be >= 2, --batch-size {args.batch_size} >= 1 and "
@@ -167,56 +426,51 @@ def samplers(args: argparse.Namespace) -> list[EvalRow]:
         measured = parse_samplers(args.samplers.split(","))
     except ValueError as err:
         raise CommandError(f"--samplers {args.samplers}: {err}") from err
+    if len(set(args.samplers.split(","))) != len(measured):
+        raise CommandError(f"--samplers {args.samplers}: a sampler is named twice")
+    guidance = _numbers(
+        "--guidance", args.guidance, "numbers >= 0 (1: no guidance), e.g. 1,1.5,2", lambda v: v >= 0
+    )
+    weights = _weights_axis(args)
     if args.reference not in REFERENCE_SPLITS and not Path(args.reference).is_file():
         raise CommandError(f"--reference {args.reference}: neither train, val nor an .npz file")
-    device = _device(args.device)
-    inception = _inception(args.inception_weights, device) if args.metric == "fid" else None
-    module = load_module(args.ckpt, args.weights, map_location=device)
-    cfg = OmegaConf.create(module.hparams["config"])
-    datamodule = instantiate_checked(cfg.data, "data")
-    shape = list(datamodule.shape)
-    fits = {"toy": len(shape) == 1, "fid": len(shape) == 3, "fd_digits": shape[:1] == [1] and len(shape) == 3}
-    if not fits[args.metric]:
-        raise CommandError(
-            f"--metric {args.metric} does not fit data of shape {shape} ({cfg.data.train_dataset._target_}); "
-            f"allowed: {[m for m, ok in fits.items() if ok]}"
-        )
-    datamodule.setup("fit")
-    rows = []
-    if args.metric == "toy":
-        for sampler in measured:
-            rows += _toy_rows(module, sampler, nfe_of(sampler, module.schedule), datamodule, args)
-    else:
-        cache = Path(args.cache_dir)
-        extractor = DigitsClassifier(cache).to(device) if inception is None else inception
-        mu, sigma, reference = reference_moments(
-            args.reference, datamodule, extractor, cache, args.batch_size
-        )
-        metric = metric_name_of(extractor)
-        for sampler in measured:
-            nfe = nfe_of(sampler, module.schedule)
-            gen = generate_features(
-                module,
-                sampler,
-                range(args.num_samples),
-                extractor,
-                shape=datamodule.shape,
-                batch_size=args.batch_size,
-                seed_offset=args.seed_offset,
-                progress=True,
-                desc=metric_key(metric, args.num_samples, sampler.name, nfe, args.weights),
+    files = _checkpoint_files(args.ckpt)
+    ranks = init_ranks(args.device, "--device")
+    try:
+        inception = _inception(args.inception_weights, ranks.device) if args.metric == "fid" else None
+        snapshots, data = _snapshots(files, weights, args)
+        datamodule = instantiate_checked(data, "data")
+        shape = list(datamodule.shape)
+        fits = {
+            "toy": len(shape) == 1,
+            "fid": len(shape) == 3,
+            "fd_digits": shape[:1] == [1] and len(shape) == 3,
+        }
+        if not fits[args.metric]:
+            raise CommandError(
+                f"--metric {args.metric} does not fit data of shape {shape} ({data.train_dataset._target_}); "
+                f"allowed: {[m for m, ok in fits.items() if ok]}"
             )
-            value = frechet_distance(*gen.stats.mean_cov(), mu, sigma)
-            rows.append(_row(metric, value, sampler, nfe, args, reference))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SAMPLERS_CSV).unlink(missing_ok=True)
-    append_rows(out / SAMPLERS_CSV, rows, checkpoint=str(args.ckpt))
-    _plot(rows, out / SAMPLERS_PNG)
-    for row in rows:
-        print(f"{row.key}\t{row.value:.6g}")
-    print(f"wrote {out / SAMPLERS_CSV} and {out / SAMPLERS_PNG}")
-    return rows
+        datamodule.setup("fit")
+        if args.metric == "toy":
+
+            def score(module: Any, point: GridPoint) -> list[EvalRow]:
+                return _toy_rows(module, point, datamodule, ranks, args)
+        else:
+            extractor = inception or _digits_classifier(Path(args.cache_dir), ranks)
+            moments = reference_moments(
+                args.reference, datamodule, extractor, args.cache_dir, args.batch_size
+            )
+
+            def score(module: Any, point: GridPoint) -> list[EvalRow]:
+                return [_fd_row(module, point, extractor, moments, shape, ranks, args)]
+
+        groups = [(s, _measure(s, weights, measured, guidance, score, ranks.device)) for s in snapshots]
+        if ranks.is_main:
+            _write(groups, Path(args.out))
+        return [r for _, rows in groups for r in rows]
+    finally:
+        close_ranks(ranks)
 
 
 # ---- nll ---------------------------------------------------------------------------------------------
@@ -327,12 +581,24 @@ def nll(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- sets --------------------------------------------------------------------------------------------
-def _features(net: InceptionV3, source: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, logits) of every image of a PNG folder or ``.npz``."""
+def _features(net: TorchFidelityExtractor, source: str, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The extractor's outputs (Inception: features and logits; else features) for every image of a PNG
+    folder or ``.npz``."""
     from diffusionflow.metrics.images import image_batches
 
-    pairs = [net.features_and_logits(batch) for batch in image_batches(source, batch_size)]
-    return torch.cat([f.cpu() for f, _ in pairs]), torch.cat([lg.cpu() for _, lg in pairs])
+    outputs = [net.outputs(batch) for batch in image_batches(source, batch_size)]
+    return tuple(torch.cat([t.cpu() for t in ts]) for ts in zip(*outputs, strict=True))
+
+
+def _warn_if_singular(count: int, net: TorchFidelityExtractor) -> None:
+    if count < net.feature_dim:
+        log.warning(
+            "%d images < %d %s features: the covariance is singular and the Fréchet distance is biased "
+            "upward; papers use 50k samples",
+            count,
+            net.feature_dim,
+            net.name,
+        )
 
 
 def _frechet(features: Sequence[torch.Tensor]) -> float:
@@ -350,7 +616,7 @@ def _set_sizes(args: argparse.Namespace) -> list[int]:
     ``--allow-size-mismatch``. Unreadable files are named."""
     from diffusionflow.metrics.images import image_sizes
 
-    both = args.fid or args.kid
+    both = args.fid or args.kid or args.fd_dinov2 or args.prc
     try:
         scans = [image_sizes(source) for source in (args.input1, args.input2)]
         sizes = [scan.single() for scan in (scans if both else scans[:1])]
@@ -373,16 +639,22 @@ def _set_sizes(args: argparse.Namespace) -> list[int]:
 
 
 def sets(args: argparse.Namespace) -> dict[str, Any]:
-    """FID / KID / IS of two image sets, torch-fidelity's key names; IS is of INPUT1, as there. Every
-    image's size is checked before any feature is extracted (``_set_sizes``)."""
+    """FID / KID / IS (Inception), FD-DINOv2 (DINOv2 ViT-L/14) and precision / recall (VGG-16 fc2) of two
+    image sets, with torch-fidelity's key names, except ``fd_dinov2`` (EDM2's: torch-fidelity names every
+    Fréchet distance ``frechet_inception_distance``, whatever the extractor). IS is of INPUT1, precision
+    the share of INPUT1 inside INPUT2's manifold, as there. Every image's size is checked
+    (``_set_sizes``), then every weights file, before any image is read."""
     from diffusionflow.metrics.kid_is import inception_score, kernel_inception_distance
+    from diffusionflow.metrics.prc import precision_recall
 
-    if not (args.fid or args.kid or args.isc):
-        raise CommandError("choose at least one metric: --fid, --kid or --isc")
+    on_inception = args.fid or args.kid or args.isc
+    if not (on_inception or args.fd_dinov2 or args.prc):
+        raise CommandError("choose at least one metric: --fid, --kid, --isc, --fd-dinov2 or --prc")
     for flag, value in (
         ("--batch-size", args.batch_size),
         ("--kid-subsets", args.kid_subsets),
         ("--isc-splits", args.isc_splits),
+        ("--prc-neighborhood", args.prc_neighborhood),
     ):
         if value < 1:
             raise CommandError(f"{flag} {value} must be >= 1")
@@ -393,20 +665,33 @@ def sets(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.isc and counts[0] < args.isc_splits:
         raise CommandError(f"--isc-splits {args.isc_splits} exceeds the {counts[0]} images of {args.input1}")
-    net = _inception(args.inception_weights, _device(args.device))
-    if (args.fid or args.kid) and min(counts) < net.feature_dim:
-        log.warning(
-            "%d images < %d features: the covariance is singular and FID is biased upward; "
-            "papers use 50k samples",
-            min(counts),
-            net.feature_dim,
+    if args.prc and args.prc_neighborhood >= min(counts):
+        raise CommandError(
+            f"--prc-neighborhood {args.prc_neighborhood} must be < {min(counts)} (the smaller set's size)"
         )
-    try:
-        first = _features(net, args.input1, args.batch_size)
-        second = _features(net, args.input2, args.batch_size) if args.fid or args.kid else None
-    except ValueError as err:  # a file whose header read but whose pixels do not: named
-        raise CommandError(str(err)) from err
+    device = _device(args.device)
+    weights = {"fd_dinov2": args.dinov2_weights, "prc": args.vgg16_weights}
+    paths = {m: EXTRACTORS[m].weights_file.resolve(weights[m]) for m in weights if getattr(args, m)}
+    inception = _inception(args.inception_weights, device) if on_inception else None
     out: dict[str, Any] = {}
+    try:  # a file whose header read but whose pixels do not, a weights file of another network: named
+        if inception is not None:
+            if args.fid or args.kid:
+                _warn_if_singular(min(counts), inception)
+            first = _features(inception, args.input1, args.batch_size)
+            second = _features(inception, args.input2, args.batch_size) if args.fid or args.kid else None
+        for metric, path in paths.items():
+            net = build_extractor(metric, path, device)
+            if metric == "fd_dinov2":
+                _warn_if_singular(min(counts), net)
+            features = [_features(net, source, args.batch_size)[0] for source in (args.input1, args.input2)]
+            if metric == "fd_dinov2":
+                out["fd_dinov2"] = _frechet(features)
+            else:
+                out |= precision_recall(*features, k=args.prc_neighborhood)
+            out[f"extractor_{metric}"] = net.name
+    except ValueError as err:
+        raise CommandError(str(err)) from err
     if args.isc:
         mean, std = inception_score(first[1], splits=args.isc_splits)
         out |= {"inception_score_mean": mean, "inception_score_std": std}
@@ -417,7 +702,9 @@ def sets(args: argparse.Namespace) -> dict[str, Any]:
             first[0], second[0], subsets=args.kid_subsets, subset_size=args.kid_subset_size
         )
         out |= {"kernel_inception_distance_mean": mean, "kernel_inception_distance_std": std}
-    out |= {"num_samples_input1": counts[0], "num_samples_input2": counts[1], "extractor": net.name}
+    out |= {"num_samples_input1": counts[0], "num_samples_input2": counts[1]}
+    if inception is not None:
+        out["extractor"] = inception.name
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
@@ -427,16 +714,27 @@ def sets(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- prefetch ----------------------------------------------------------------------------------------
-def prefetch(args: argparse.Namespace) -> Path:
-    """Downloads the Inception weights (the only networked command) and prints where they went."""
-    from diffusionflow.metrics.extractors import prefetch_inception
-
-    try:
-        path = prefetch_inception(Path(args.dest) if args.dest else None)
-    except OSError as err:  # no network: URLError
-        raise CommandError(f"could not download the Inception weights: {err}") from err
-    print(path)
-    return path
+def prefetch(args: argparse.Namespace) -> list[Path]:
+    """Downloads the weights named by ``--what`` (the only networked command), each unless already
+    there, and prints where each went."""
+    what = [w.strip() for w in args.what.split(",")]
+    if not what or any(w not in PREFETCH_FILES for w in what) or len(set(what)) != len(what):
+        raise CommandError(f"--what {args.what}: allowed a comma-separated list from {list(PREFETCH_FILES)}")
+    dest = Path(args.dest).expanduser() if args.dest else None
+    if dest is not None and len(what) > 1:
+        if dest.is_file():
+            raise CommandError(f"--dest {dest} is a file: --what {args.what} names several, give a folder")
+        dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for weights in (PREFETCH_FILES[w] for w in what):
+        try:
+            paths.append(weights.prefetch(dest))
+        except OSError as err:  # no network: URLError
+            raise CommandError(
+                f"could not download the {weights.what} weights from {weights.url}: {err}"
+            ) from err
+        print(paths[-1])
+    return paths
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -447,12 +745,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("samplers", help="one checkpoint × samplers × steps → grid.csv, fid_vs_nfe.png")
-    g.add_argument("--ckpt", required=True, help="a checkpoint of diffusionflow.train")
+    g = sub.add_parser(
+        "samplers",
+        help="checkpoints × weights × samplers × guidance → grid.csv, fid_vs_nfe.png (torchrun: split seeds)",
+    )
+    g.add_argument(
+        "--ckpt",
+        required=True,
+        help="a checkpoint of diffusionflow.train, a folder of them or a quoted glob (one run's snapshots)",
+    )
     g.add_argument("--samplers", required=True, help="name:steps,... e.g. heun:18,ddim:10,ddim:20")
     g.add_argument("--num-samples", type=int, default=10_000)
     g.add_argument("--metric", choices=METRICS, required=True)
-    g.add_argument("--weights", choices=WEIGHTS, default="ema")
+    g.add_argument(
+        "--weights",
+        help=f"comma-separated, from {','.join(WEIGHTS)} (default ema; none with --ema-sigma-rel)",
+    )
+    g.add_argument(
+        "--ema-sigma-rel", help="post-hoc EMA widths σ_rel, e.g. 0.05,0.1,0.15 (weights sigma_rel:<x>)"
+    )
+    g.add_argument(
+        "--guidance", help="classifier-free guidance scales, e.g. 1,1.5,2 (class-conditional checkpoints)"
+    )
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument(
         "--reference", default="train", help="train | val | an .npz with mu, sigma (default train)"
@@ -461,7 +775,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed-offset", type=int, default=0, help="sample i uses seed seed_offset + i")
     g.add_argument("--inception-weights", help="Inception weights file (default: the torch.hub cache)")
     g.add_argument("--cache-dir", default=str(default_cache_dir()), help="reference statistics cache")
-    g.add_argument("--device", help="default: cuda when available, else cpu")
+    g.add_argument(
+        "--device",
+        help="default: cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK",
+    )
     g.set_defaults(func=samplers)
 
     n = sub.add_parser("nll", help="NLL of data points by the probability-flow ODE and the ELBO → nll.json")
@@ -479,15 +796,24 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--device", help="default: cuda when available, else cpu")
     n.set_defaults(func=nll)
 
-    c = sub.add_parser("sets", help="FID / KID / IS of two image sets (torch-fidelity's CLI)")
+    c = sub.add_parser(
+        "sets", help="FID / KID / IS / FD-DINOv2 / precision-recall of two image sets (torch-fidelity's CLI)"
+    )
     c.add_argument("input1", help="a folder of PNGs or a uint8 NHWC .npz")
     c.add_argument("input2", help="a folder of PNGs or a uint8 NHWC .npz")
     c.add_argument("--fid", action="store_true", help="Fréchet Inception distance")
     c.add_argument("--kid", action="store_true", help="kernel Inception distance")
     c.add_argument("--isc", action="store_true", help="Inception score of input1")
+    c.add_argument(
+        "--fd-dinov2", action="store_true", help="Fréchet distance of DINOv2 ViT-L/14 features (EDM2's)"
+    )
+    c.add_argument(
+        "--prc", action="store_true", help="precision / recall of input1 against input2 (VGG-16 fc2)"
+    )
     c.add_argument("--kid-subsets", type=int, default=100)
     c.add_argument("--kid-subset-size", type=int, default=1000)
     c.add_argument("--isc-splits", type=int, default=10)
+    c.add_argument("--prc-neighborhood", type=int, default=3, help="k of the k-th-neighbour radii")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument(
         "--allow-size-mismatch",
@@ -495,12 +821,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare sets of different image sizes (each resized by the extractor), with a warning",
     )
     c.add_argument("--inception-weights", help="Inception weights file (default: the torch.hub cache)")
+    c.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights file (default: the torch.hub cache)")
+    c.add_argument("--vgg16-weights", help="torchvision VGG-16 weights file (default: the torch.hub cache)")
     c.add_argument("--device", help="default: cuda when available, else cpu")
     c.add_argument("--json", help="also write the result to this file")
     c.set_defaults(func=sets)
 
-    p = sub.add_parser("prefetch", help="download the Inception weights (needs internet)")
-    p.add_argument("--dest", help=f"a folder or file (default: {default_weights_path().parent})")
+    p = sub.add_parser("prefetch", help="download pretrained weights (needs internet)")
+    p.add_argument(
+        "--what",
+        default="inception",
+        help=f"comma-separated, from {','.join(PREFETCH_FILES)} (default inception)",
+    )
+    p.add_argument(
+        "--dest", help=f"a folder, or a file for one --what (default: {default_weights_path().parent})"
+    )
     p.set_defaults(func=prefetch)
     return parser
 

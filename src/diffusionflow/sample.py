@@ -8,24 +8,43 @@ checkpoint samples with its EMA weights (``weights=ema``, the default) or its ra
 and with the schedule and prediction it was trained with; ``oracle=<mixture>`` is the exact denoiser of
 a toy Gaussian mixture under ``schedule`` (default flow), in float64 on the CPU, with no network.
 
-Writes to ``out_dir`` (default ``logs/sample/runs/<date>_<time>/``): ``samples.npz`` (``samples``,
-``labels`` of a class-conditional model, and ``nfe``, ``sampler``, ``steps``, ``seed``, ``weights``,
-``source``), ``samples.png`` (a scatter over the true law for 2-D data, an image mosaic otherwise) and,
-for 2-D toy laws, ``metrics.json`` with the toy metrics of training's final evaluation.
+Writes to ``out_dir`` (default ``logs/sample/runs/<date>_<time>/``), by ``format`` (default ``npz``):
+
+- ``samples.npz`` (``npz``, ``both``; always for 2-D data): the samples, uint8 (N, H, W, C) images under
+  ``arr_0`` (EDM / ADM's layout, rounded by ``metrics.extractors.to_uint8``; ``evaluate sets`` reads it)
+  or float (N, D) points under ``samples``; ``labels`` of a class-conditional model, and ``nfe``,
+  ``sampler``, ``sampler_options``, ``steps``, ``seed``, ``weights``, ``source`` (and ``guidance``);
+- ``samples/000000.png``, … (``png``, ``both``; images only): sample i as ``{i:06d}.png``, lossless;
+- ``samples.png``: a scatter over the true law for 2-D data, a mosaic of the first images otherwise;
+- for 2-D toy laws, ``metrics.json`` with the toy metrics of training's final evaluation.
 
 Noise: sample i has its own seed, ``seed + i``, through the generator that training's evaluation, the
 FID callback, ``evaluate`` and reflow pairs use (``diffusionflow.metrics.generate``): its initial noise
 (drawn in the model's dtype) and a stochastic sampler's fresh noise come from that generator alone, so a
-sample depends neither on ``batch_size`` nor on ``num_samples`` (a larger run extends a smaller one).
-The sampler runs on batches of ``batch_size`` samples.
+sample depends neither on ``batch_size``, nor on ``num_samples`` (a larger run extends a smaller one), nor
+on the number of processes.
+
+Scale: the sampler runs on batches of ``batch_size`` samples and each batch is written as it comes, into
+its rows of a memory-mapped ``samples.npy.partial`` and / or its PNG files; at the end the ``.npy`` is
+copied, not loaded, into ``samples.npz`` (a zip, stored, as ``np.savez`` writes). No process holds more
+than a batch of images, so 50k images take the memory of one batch.
+
+Several processes: ``torchrun --nproc_per_node K -m diffusionflow.sample ... out_dir=<dir>`` starts K
+processes (``diffusionflow.distributed``); process r draws the seeds ``shard(N, r, K)`` on
+``cuda:LOCAL_RANK`` into the same files, and rank 0 writes the rest once all are done. The outputs are the
+ones one process writes. ``out_dir`` must be named (``out_dir=`` or ``hydra.run.dir=``): the default run
+folder is named by each process's start time.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import hydra
 import numpy as np
@@ -33,6 +52,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffusionflow.checkpoint import check_weights, load_module
 from diffusionflow.checks import SAMPLE, check_config, check_device
@@ -40,15 +60,23 @@ from diffusionflow.config import instantiate_checked
 from diffusionflow.core.samplers import Denoiser, Sampler
 from diffusionflow.core.schedules import Schedule
 from diffusionflow.data.toy2d import MIXTURES, Toy2D
+from diffusionflow.distributed import Ranks, barrier, close_ranks, gather_objects, init_ranks
 from diffusionflow.errors import ConfigError
-from diffusionflow.metrics.generate import GenerativeModel, generate
+from diffusionflow.metrics.extractors import to_uint8
+from diffusionflow.metrics.generate import GenerativeModel, generate_batches, nfe_of, shard
+from diffusionflow.metrics.images import image_batches, save_png_folder
 from diffusionflow.metrics.pictures import image_mosaic, scatter_plot
 from diffusionflow.metrics.toy_samples import toy_metrics
-from diffusionflow.paths import CONFIG_DIR, CONFIG_PKG
+from diffusionflow.paths import CONFIG_DIR, CONFIG_PKG, replace_atomically
 
 __all__ = ["main", "sample", "validate"]
 
 IMAGES_IN_MOSAIC = 100
+NPZ, PNG_FOLDER = "samples.npz", "samples"
+IMAGES_KEY, POINTS_KEY = "arr_0", "samples"
+"""samples.npz's key of uint8 NHWC images (EDM / ADM / torch-fidelity's, read by ``evaluate sets``) and
+of float 2-D points (as training's final evaluation writes them)."""
+PNG_NAME = re.compile(r"\d{6,}\.png")
 
 
 class Oracle:
@@ -99,9 +127,19 @@ def _overrides(group: str) -> list[str]:
     ]
 
 
+def _out_dir_given() -> bool:
+    """Whether the command line names the output folder (``out_dir=`` or ``hydra.run.dir=``) rather than
+    leaving it to the start time; without Hydra, ``out_dir`` is whatever the caller gave."""
+    if not HydraConfig.initialized():
+        return True
+    run_dir = any(o.split("=", 1)[0] == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)
+    return run_dir or bool(_overrides("out_dir"))
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks of the sampling keys (types and ranges: ``checks.SAMPLE``; ``device`` against this machine's
-    devices), before anything is loaded; the sampler, checkpoint and labels are checked when built."""
+    devices; under torchrun, a named ``out_dir``), before anything is loaded; the sampler, checkpoint and
+    labels are checked when built."""
     if (cfg.ckpt_path is None) == (cfg.oracle is None):
         raise ConfigError(
             "give exactly one of ckpt_path (a checkpoint of diffusionflow.train) and oracle (one of "
@@ -116,6 +154,12 @@ def validate(cfg: DictConfig) -> None:
         options = sorted(p.stem for p in (CONFIG_DIR / "schedule").glob("*.yaml") if p.stem != "canonical")
         name = cfg.schedule.get("name")
         raise ConfigError(f"schedule={name} means a weighting's schedule; the oracle needs one of {options}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not _out_dir_given():
+        raise ConfigError(
+            f"out_dir is the default run folder, named by each process's start time, but under torchrun "
+            f"({world} processes) every process must write to one folder: give out_dir=<dir>"
+        )
     schedule_overrides = _overrides("schedule")
     if cfg.ckpt_path is not None and schedule_overrides:
         raise ConfigError(
@@ -142,8 +186,7 @@ def _labels(cfg: DictConfig, num_classes: int, description: str) -> Tensor | Non
     return torch.tensor(classes)[torch.arange(cfg.num_samples) % len(classes)]
 
 
-def _checkpoint_source(cfg: DictConfig) -> Source:
-    device = check_device(cfg.device)
+def _checkpoint_source(cfg: DictConfig, device: torch.device) -> Source:
     module = load_module(cfg.ckpt_path, cfg.weights, map_location=device, sampler=cfg.sampler)
     description = f"checkpoint {cfg.ckpt_path}"
     labels = _labels(cfg, module.num_classes, description)
@@ -177,13 +220,69 @@ def _oracle_source(cfg: DictConfig) -> Source:
     )
 
 
-def _write(out_dir: Path, samples: Tensor, source: Source, cfg: DictConfig) -> dict[str, float]:
-    """samples.npz, samples.png and, for 2-D data, metrics.json (whose metrics are returned)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+class Rows:
+    """``out_dir/samples.npy.partial``: the (N, …) array every rank fills with its rows, memory-mapped
+    (created by rank 0, opened by the others after a barrier), so no process holds all N samples."""
+
+    def __init__(self, out_dir: Path, shape: tuple[int, ...], dtype: np.dtype, ranks: Ranks) -> None:
+        self.path = out_dir / "samples.npy.partial"
+        if ranks.is_main:
+            np.lib.format.open_memmap(self.path, mode="w+", dtype=dtype, shape=shape).flush()
+        barrier(ranks)
+        self.array = np.lib.format.open_memmap(self.path, mode="r+")
+
+    def pack(self, npz: Path, key: str, arrays: dict[str, Any]) -> None:
+        """Writes ``npz`` (atomically): this array as ``key``, copied from its file (never loaded), and
+        ``arrays``, as ``np.savez`` does (a zip, stored); then removes the ``.npy``."""
+        self.array.flush()
+
+        def write(f: BinaryIO) -> None:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.write(self.path, f"{key}.npy")
+                for name, value in arrays.items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                        np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
+
+        replace_atomically(npz, write)
+        del self.array
+        self.path.unlink()
+
+
+def _draw(source: Source, cfg: DictConfig, ranks: Ranks, out_dir: Path, rows: Rows | None) -> None:
+    """This rank's samples ``shard(N, rank, world)``, batch by batch: each batch goes to its rows of
+    ``rows`` (uint8 NHWC for images, the float samples for 2-D data) and, for ``format`` png or both, to
+    ``out_dir/samples/<index>.png``; nothing is kept."""
+    mine = shard(int(cfg.num_samples), ranks.rank, ranks.world)
+    images = len(source.shape) == 3
+    pngs = images and cfg.format in ("png", "both")
+    labels = None if source.labels is None else source.labels[mine.start : mine.stop]
+    batches = generate_batches(
+        source.model,
+        mine,
+        shape=source.shape,
+        batch_size=int(cfg.batch_size),
+        seed_offset=int(cfg.seed),
+        labels=labels,
+        guidance=source.guidance,
+    )
+    desc = "sampling" if ranks.world == 1 else f"sampling (rank 0 of {ranks.world})"
+    with tqdm(total=len(mine), desc=desc, unit="img", disable=None if ranks.is_main else True) as bar:
+        for idx, x in batches:
+            batch = to_uint8(x).cpu() if images else x.cpu()
+            if rows is not None:
+                rows.array[idx[0] : idx[-1] + 1] = (batch.permute(0, 2, 3, 1) if images else batch).numpy()
+            if pngs:
+                save_png_folder(batch, out_dir / PNG_FOLDER, start=idx[0])
+            bar.update(len(idx))
+    if rows is not None:
+        rows.array.flush()  # to the file, before rank 0 reads it
+
+
+def _metadata(source: Source, cfg: DictConfig) -> dict[str, Any]:
+    """The extra arrays of samples.npz: how the samples were drawn."""
     sampler = source.model.sampler
     arrays: dict[str, Any] = {
-        "samples": samples.numpy(),
-        "nfe": sampler.nfe,
+        "nfe": nfe_of(sampler, source.model.schedule),
         "sampler": sampler.name,
         "sampler_options": repr(sampler),
         "steps": sampler.steps,
@@ -193,38 +292,104 @@ def _write(out_dir: Path, samples: Tensor, source: Source, cfg: DictConfig) -> d
     }
     if source.labels is not None:
         arrays |= {"labels": source.labels.cpu().numpy(), "guidance": source.guidance}
-    np.savez(out_dir / "samples.npz", **arrays)
+    return arrays
+
+
+def _mosaic(out_dir: Path, rows: Rows | None, n: int) -> Tensor:
+    """The first ``IMAGES_IN_MOSAIC`` images in [−1, 1], NCHW, read back from what was written."""
+    k = min(n, IMAGES_IN_MOSAIC)
+    if rows is not None:
+        first = torch.from_numpy(np.array(rows.array[:k])).permute(0, 3, 1, 2)
+    else:
+        first = next(image_batches(out_dir / PNG_FOLDER, batch_size=k, limit=k))
+    return first.float() / 127.5 - 1
+
+
+def _finish(out_dir: Path, source: Source, cfg: DictConfig, rows: Rows | None) -> dict[str, float]:
+    """Rank 0, once every rank has written its rows: samples.npz, samples.png and, for 2-D data,
+    metrics.json (whose metrics are returned)."""
+    n = int(cfg.num_samples)
+    arrays = _metadata(source, cfg)
     if source.law is None:
-        image_mosaic(samples[:IMAGES_IN_MOSAIC].clamp(-1, 1), out_dir / "samples.png")
+        image_mosaic(_mosaic(out_dir, rows, n), out_dir / "samples.png")
+        if rows is not None:
+            rows.pack(out_dir / NPZ, IMAGES_KEY, arrays)
         return {}
+    assert rows is not None  # 2-D data are always written to samples.npz
+    samples = torch.from_numpy(np.array(rows.array))
+    rows.pack(out_dir / NPZ, POINTS_KEY, arrays)
     scatter_plot(samples, source.law, out_dir / "samples.png")
-    metrics = {"nfe": float(sampler.nfe), **toy_metrics(samples, source.law, len(samples), cfg.seed)}
+    metrics = {"nfe": float(arrays["nfe"]), **toy_metrics(samples, source.law, n, cfg.seed)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 
-def sample(cfg: DictConfig) -> dict[str, float]:
-    """Checks ``cfg``, samples, writes the outputs to ``cfg.out_dir``; returns the toy metrics (or {})."""
-    validate(cfg)
-    source = _oracle_source(cfg) if cfg.oracle is not None else _checkpoint_source(cfg)
+def _shared_out_dir(cfg: DictConfig, ranks: Ranks) -> Path:
+    """``cfg.out_dir``, the same folder on every rank (a ``ConfigError`` on all of them otherwise)."""
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    seen = gather_objects(ranks, str(out_dir))
+    if len(set(seen)) > 1:
+        listed = ", ".join(f"rank {r}: {d}" for r, d in enumerate(seen))
+        raise ConfigError(
+            f"out_dir differs between the {ranks.world} processes ({listed}); they must write to one "
+            "folder: give out_dir=<dir>"
+        )
+    return out_dir
+
+
+def _rows_layout(source: Source, cfg: DictConfig) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and dtype of samples.npz's samples: uint8 (N, H, W, C) images, the model's float
+    (N, D) points, or None when ``format=png`` writes images as PNG files only."""
     n = int(cfg.num_samples)
-    samples = generate(
-        source.model,
-        range(n),
-        shape=source.shape,
-        batch_size=int(cfg.batch_size),
-        seed_offset=int(cfg.seed),
-        labels=source.labels,
-        guidance=source.guidance,
-    )
-    out_dir = Path(cfg.out_dir)
-    metrics = _write(out_dir, samples, source, cfg)
-    sampler = source.model.sampler
-    print(
-        f"{n} samples from {source.description} ({source.weights}) with {sampler.name}, "
-        f"{sampler.steps} steps, NFE {sampler.nfe} -> {out_dir / 'samples.npz'}"
-    )
-    return metrics
+    if len(source.shape) == 3:
+        c, h, w = source.shape
+        return None if cfg.format == "png" else ((n, h, w, c), np.dtype(np.uint8))
+    if cfg.format != "npz":
+        raise ConfigError(
+            f"format={cfg.format}: {source.description} samples {source.shape[0]}-D points, not images; "
+            "allowed for points: format=npz"
+        )
+    return (n, *source.shape), torch.empty(0, dtype=source.model.dtype).numpy().dtype
+
+
+def _prepare(out_dir: Path, cfg: DictConfig) -> None:
+    """Rank 0: makes ``out_dir`` and, for PNG output, empties ``samples/`` of the PNGs of an earlier run
+    (a smaller ``num_samples`` would otherwise leave extra images in the set)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = out_dir / PNG_FOLDER
+    if cfg.format != "npz" and folder.is_dir():
+        for old in folder.iterdir():
+            if PNG_NAME.fullmatch(old.name):
+                old.unlink()
+
+
+def sample(cfg: DictConfig) -> dict[str, float]:
+    """Checks ``cfg``, samples (this process's share of the seeds under torchrun), writes the outputs to
+    ``cfg.out_dir``; returns the toy metrics (or {}, and {} on every rank but 0)."""
+    validate(cfg)
+    ranks = init_ranks(cfg.device)
+    try:
+        out_dir = _shared_out_dir(cfg, ranks)
+        source = _oracle_source(cfg) if cfg.oracle is not None else _checkpoint_source(cfg, ranks.device)
+        layout = _rows_layout(source, cfg)
+        if ranks.is_main:
+            _prepare(out_dir, cfg)
+        barrier(ranks)
+        rows = None if layout is None else Rows(out_dir, *layout, ranks)
+        _draw(source, cfg, ranks, out_dir, rows)
+        barrier(ranks)
+        if not ranks.is_main:
+            return {}
+        metrics = _finish(out_dir, source, cfg, rows)
+        sampler = source.model.sampler
+        written = [out_dir / NPZ] * (rows is not None) + [out_dir / PNG_FOLDER] * (cfg.format != "npz")
+        print(
+            f"{cfg.num_samples} samples from {source.description} ({source.weights}) with {sampler.name}, "
+            f"{sampler.steps} steps, NFE {sampler.nfe} -> {', '.join(map(str, written))}"
+        )
+        return metrics
+    finally:
+        close_ranks(ranks)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PKG, config_name="sample")

@@ -21,7 +21,7 @@ from diffusionflow.lightning.datamodule import DiffusionDataModule, ResumableDat
 from diffusionflow.paths import CONFIG_DIR
 
 CONF = CONFIG_DIR / "data"
-ON_DISK = ["cifar10", "imagenet32", "imagenet64"]
+ON_DISK = ["cifar10", "imagenet32", "imagenet64", "latents", "imagenet256_latents"]
 CONFIGS = ["toy2d", "moons", "rings", "checkerboard", "digits", "digits16", *ON_DISK]
 
 

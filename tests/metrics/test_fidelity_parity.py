@@ -8,7 +8,6 @@ and every assertion reuses those numbers.
 from __future__ import annotations
 
 import re
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -130,21 +129,6 @@ def test_isc_settings_match_torch_fidelity(shuffle: bool) -> None:
 def test_kid_rejects_subsets_larger_than_a_set() -> None:
     with pytest.raises(ValueError, match="subset_size"):
         kernel_inception_distance(torch.zeros(10, 4), torch.zeros(20, 4), subset_size=11)
-
-
-def no_network(*args: object, **kwargs: object) -> None:
-    pytest.fail(f"network access attempted: {args}")
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    for target, name in [
-        (urllib.request, "urlopen"),
-        (torch.hub, "load_state_dict_from_url"),
-        (torch.hub, "download_url_to_file"),
-        (tf_inception, "load_state_dict_from_url"),
-    ]:
-        monkeypatch.setattr(target, name, no_network)
 
 
 @pytest.fixture

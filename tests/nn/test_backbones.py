@@ -235,6 +235,31 @@ def test_parameter_counts() -> None:
     assert all(50_000 <= n <= 150_000 for n in tiny), tiny
 
 
+def test_edm_augmentation_labels_add_a_bias_free_map_into_the_noise_features() -> None:
+    """EDM's DDPM++ with ``augment_dim=9`` (its CIFAR-10 training): a 9→128 linear map without bias before the
+    noise MLP, 9·128 = 1,152 weights: 55,733,891 in all (EDM, Table 7: 55.73M)."""
+    with torch.device("meta"):
+        plain = count(UNet.preset("ddpmpp_cifar", [3, 32, 32]))
+        augmented = count(UNet.preset("ddpmpp_cifar", [3, 32, 32], augment_dim=9))
+    assert augmented - plain == 9 * UNET_PRESETS["ddpmpp_cifar"]["model_channels"]
+    assert augmented == 55_733_891 and round(augmented / 1e6, 2) == 55.73
+
+
+def test_augment_labels_condition_the_unet() -> None:
+    """None (sampling) is the same as all-zero labels; other labels change the output; bad ones raise."""
+    model = unzero(UNet.preset("tiny", [1, 8, 8], augment_dim=3)).eval()
+    z, c_noise = inputs("unet_tiny_8")
+    labels = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        none, zeros = model(z, c_noise), model(z, c_noise, augment_labels=torch.zeros(4, 3))
+        other = model(z, c_noise, augment_labels=labels)
+    assert torch.equal(none, zeros) and (other - none).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"augment_labels must have shape \(4, 3\)"):
+        model(z, c_noise, augment_labels=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="augment_dim=0"):
+        build("unet_tiny_8")(z, c_noise, augment_labels=labels)
+
+
 def test_ddpmpp_cifar_single_forward() -> None:
     torch.manual_seed(0)
     model = unzero(UNet.preset("ddpmpp_cifar", [3, 32, 32], num_classes=10)).eval()

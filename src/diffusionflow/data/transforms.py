@@ -3,6 +3,7 @@ dataset, the offline file check and option validation."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ __all__ = [
     "adm_center_crop",
     "check_choice",
     "default_hflip",
+    "file_sha256",
     "random_hflip",
     "require_files",
     "to_unit_range",
@@ -38,6 +40,15 @@ def require_files(folder: Path, names: Iterable[str], how: str) -> None:
             f"dataset files missing in {folder}: {', '.join(missing)} "
             f"(expected there: {', '.join(names)}). To get them: {how}"
         )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """The SHA-256 hex digest of the file ``path``, read in chunks (memory stays at ``chunk`` bytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_unit_range(x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -188,6 +188,8 @@ class DiffusionDataModule(LightningDataModule):
         val_dataset: optional factory of the validation dataset (no validation loader when None).
         seed: seeds the training shuffle and the worker RNGs (random flips), so runs are reproducible;
             None follows the process's torch seed (``torch.initial_seed()``, set by ``seed_everything``).
+        vae: for latent data (``conf/data/latents.yaml``), the VAE that decodes them: ``config``,
+            ``weights_path``, ``normalisation`` (:mod:`diffusionflow.nn.vae`); None for pixel data.
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class DiffusionDataModule(LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int | None = 0,
+        vae: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -214,6 +217,7 @@ class DiffusionDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
+        self.vae = None if vae is None else dict(vae)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.per_rank_batch_size: int | None = None

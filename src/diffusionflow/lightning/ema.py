@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffusionflow.lightning.internals import averaged_model
 
-__all__ = ["EMA", "averaged_model", "raw_weights"]
+__all__ = ["EMA", "averaged_model", "images_per_step", "raw_weights"]
 
 
 class EMA(WeightAveraging):
@@ -61,12 +61,7 @@ class EMA(WeightAveraging):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.replaced_raw = None
-        per_rank = getattr(trainer.datamodule, "per_rank_batch_size", None) if trainer.datamodule else None
-        if per_rank is None and trainer.datamodule is not None:
-            trainer.datamodule.setup(stage)
-            per_rank = trainer.datamodule.per_rank_batch_size
-        global_batch = (per_rank or 1) * trainer.world_size * trainer.accumulate_grad_batches
-        self.images_per_update = float(global_batch * self.update_every_n_steps)
+        self.images_per_update = float(images_per_step(trainer, stage) * self.update_every_n_steps)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.replaced_raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -86,6 +81,16 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+
+def images_per_step(trainer: Trainer, stage: str) -> int:
+    """Training images per optimizer step: the DataModule's per-rank batch × world size × gradient
+    accumulation (a per-rank batch of 1 without a DataModule). Sets the DataModule up if it has not been."""
+    per_rank = getattr(trainer.datamodule, "per_rank_batch_size", None) if trainer.datamodule else None
+    if per_rank is None and trainer.datamodule is not None:
+        trainer.datamodule.setup(stage)
+        per_rank = trainer.datamodule.per_rank_batch_size
+    return (per_rank or 1) * trainer.world_size * trainer.accumulate_grad_batches
 
 
 @contextmanager

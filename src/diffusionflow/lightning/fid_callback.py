@@ -20,6 +20,11 @@ The callback decides *when* to measure and logs; what is measured is the library
 Keys say what was measured (users.md B1/B2): ``{metric}/{N}_{sampler}{NFE}_{ema|raw}``, e.g.
 ``fid/50k_heun35_ema`` or ``fd_digits/500_heun35_ema``, and each evaluation appends a row to
 ``<run dir>/eval/fid.csv`` with the seed range and the reference set's key.
+
+**Latent data** (a DataModule with ``vae``, ``conf/data/latents.yaml``): samples are decoded by the run's
+VAE (:func:`~diffusionflow.lightning.final_eval.latent_codec`, built in ``setup``) before the features and
+the mosaic, as DiT and SiT decode before ADM's evaluator; a ``train``/``val`` reference is then the VAE's
+reconstructions of the set (an ``.npz`` reference, e.g. ADM's ImageNet-256 batch, is of real images).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from torch import Tensor, nn
 from diffusionflow.core.samplers import Sampler
 from diffusionflow.lightning.after_step import AfterStep
 from diffusionflow.lightning.ema import averaged_model, raw_weights
+from diffusionflow.lightning.final_eval import latent_codec
 from diffusionflow.metrics.digits_classifier import default_cache_dir
 from diffusionflow.metrics.extractors import FeatureExtractor
 from diffusionflow.metrics.fid import (
@@ -57,6 +63,7 @@ from diffusionflow.metrics.fid import (
 from diffusionflow.metrics.frechet import frechet_distance
 from diffusionflow.metrics.generate import SamplerSpec, nfe_of, parse_samplers, shard
 from diffusionflow.metrics.pictures import mosaic
+from diffusionflow.nn.vae import LatentCodec
 
 __all__ = ["FIDCallback"]
 
@@ -151,6 +158,8 @@ class FIDCallback(AfterStep):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.mosaic_size, self.progress, self.metric_name = mosaic_size, progress, metric_name
         self.extractor: FeatureExtractor | None = None
+        self.codec: LatentCodec | None = None
+        self.decoder_key: str | None = None
         self.ema: WeightAveraging | None = None
         self.mosaic_logged = False
         self.generated_indices: list[int] = []
@@ -171,6 +180,9 @@ class FIDCallback(AfterStep):
                 "W2 and energy distance from callbacks.final_eval"
             )
         self.extractor = self._build_extractor(trainer).to(pl_module.device)
+        latent = latent_codec(trainer.datamodule)
+        if latent is not None:
+            self.codec, self.decoder_key = latent[0].to(trainer.strategy.root_device), latent[1]
         if self.num_samples < self.extractor.feature_dim:
             rank_zero_warn(
                 f"FIDCallback: num_samples={self.num_samples} < {self.extractor.feature_dim}, the feature "
@@ -244,9 +256,16 @@ class FIDCallback(AfterStep):
                 rank_zero_info("FIDCallback: skipped under fast_dev_run")
             return {}
         self._last_step = step
+        decode = None if self.codec is None else self.codec.decode
         if self._ref is None:
             self._ref = reference_moments(
-                self.reference, trainer.datamodule, self.extractor, self.cache_dir, self.batch_size
+                self.reference,
+                trainer.datamodule,
+                self.extractor,
+                self.cache_dir,
+                self.batch_size,
+                decode=decode,
+                decoder=self.decoder_key,
             )
         mu_ref, sigma_ref, ref_key = self._ref
         indices = shard(self.num_samples, trainer.global_rank, trainer.world_size)
@@ -268,6 +287,7 @@ class FIDCallback(AfterStep):
                         keep=0 if self.mosaic_logged else self.mosaic_size,
                         progress=show,
                         desc=key,
+                        decode=decode,
                     )
                     gen.stats.all_reduce()
                     if gen.stats.count != self.num_samples:

@@ -5,11 +5,14 @@ samples (exact samples for the Gaussian mixtures), the same two numbers between 
 (the noise floor at this sample size, ``*_floor``), and, for mixtures, the mean exact log-density
 of the generated samples beside that of exact samples. Images get a sample mosaic. Samples come from
 per-sample seeds (``metrics.generate``): sample i from seed ``seed + i``, label i mod num_classes.
+Latent data (a DataModule with a ``vae``, ``conf/data/latents.yaml``) are decoded by :func:`latent_codec`
+first: ``samples.npz`` holds the images (``samples``) and the latents (``latents``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,31 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
+from diffusionflow.data.transforms import file_sha256
 from diffusionflow.lightning.after_step import AfterStep
 from diffusionflow.lightning.ema import averaged_model
+from diffusionflow.metrics.fid import decode_latents
 from diffusionflow.metrics.generate import GenerativeModel, default_labels, generate
 from diffusionflow.metrics.pictures import image_mosaic, scatter_plot
 from diffusionflow.metrics.toy_samples import toy_metrics
+from diffusionflow.nn.vae import LatentCodec, load_autoencoder, resolve_weights
 
-__all__ = ["FinalEvaluation", "final_evaluation", "generate_fixed"]
+__all__ = ["FinalEvaluation", "final_evaluation", "generate_fixed", "latent_codec"]
+
+
+def latent_codec(datamodule: Any) -> tuple[LatentCodec, str] | None:
+    """For latent data (a DataModule whose ``vae`` is set: ``data.vae``), the codec that decodes its
+    samples, the autoencoder of ``data.vae.config`` with the weights of ``data.vae.weights_path``
+    (:func:`~diffusionflow.nn.vae.load_autoencoder`: a missing file fails here, naming it) and the
+    normalisation of the set-up training set (a ``LatentDataset``), with a key naming it (config, the
+    weights' SHA-256, normalisation); None for pixel data."""
+    vae = getattr(datamodule, "vae", None)
+    if not vae:
+        return None
+    dataset = datamodule.train_set
+    path = resolve_weights(vae["config"], vae.get("weights_path"))
+    codec = LatentCodec.from_meta(load_autoencoder(vae["config"], path), dataset.meta, dataset.normalisation)
+    return codec, f"{vae['config']}:{file_sha256(path)[:16]}:{dataset.normalisation}"
 
 
 def generate_fixed(
@@ -40,17 +61,28 @@ def generate_fixed(
 
 
 def final_evaluation(
-    module: GenerativeModel, dataset: Any, out_dir: Path, num_samples: int = 4096, seed: int = 0
+    module: GenerativeModel,
+    dataset: Any,
+    out_dir: Path,
+    num_samples: int = 4096,
+    seed: int = 0,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Generates ``num_samples`` from seeds ``seed``, …, ``seed + num_samples − 1`` with the module's
     sampler (its current weights: EMA after training), writes ``samples.npz`` and ``samples.png``, and
-    returns metrics (keys ``final/...``)."""
+    returns metrics (keys ``final/...``). Latent samples are decoded by ``decode`` (latents → images in
+    [−1, 1]) before the picture; ``samples.npz`` then also holds them as ``latents``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples, labels = generate_fixed(module, dataset, num_samples, seed)
+    latents: dict[str, np.ndarray] = {}
+    if decode is not None:
+        latents = {"latents": samples.numpy()}
+        samples = decode_latents(decode, samples, module.device).cpu()
     np.savez(
         out_dir / "samples.npz",
         samples=samples.numpy(),
         labels=None if labels is None else labels.cpu().numpy(),
+        **latents,
     )
     metrics: dict[str, float] = {"nfe": float(module.sampler.nfe)}
     if len(dataset.shape) == 1:
@@ -83,9 +115,13 @@ class FinalEvaluation(AfterStep):
             raise ValueError(f"callbacks.final_eval.every_n_steps={every_n_steps} must be >= 1 or null")
         self.num_samples, self.seed, self.every_n_steps = num_samples, seed, every_n_steps
         self.ema: WeightAveraging | None = None
+        self.codec: LatentCodec | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.ema = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
+        if stage == "fit" and trainer.datamodule is not None:  # latent data: the decoder, before training
+            latent = latent_codec(trainer.datamodule)
+            self.codec = None if latent is None else latent[0].to(trainer.strategy.root_device)
 
     def wants(self, trainer: Trainer) -> bool:
         return trainer.is_global_zero
@@ -107,7 +143,12 @@ class FinalEvaluation(AfterStep):
             return
         out_dir = Path(trainer.default_root_dir)
         metrics = final_evaluation(
-            pl_module, trainer.datamodule.train_set, out_dir, self.num_samples, self.seed
+            pl_module,
+            trainer.datamodule.train_set,
+            out_dir,
+            self.num_samples,
+            self.seed,
+            decode=None if self.codec is None else self.codec.decode,
         )
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)

@@ -25,6 +25,7 @@ from diffusionflow.core.proposals import Adaptive, Proposal
 from diffusionflow.core.samplers import Sampler
 from diffusionflow.core.schedules import Schedule
 from diffusionflow.core.weightings import Weighting
+from diffusionflow.data.augment import AugmentPipe
 
 __all__ = ["DiffusionModule", "step_seed"]
 
@@ -45,6 +46,9 @@ class DiffusionModule(LightningModule):
         lr_scheduler: an optional partial taking the optimizer; stepped every optimizer step.
         num_classes: 0 for unconditional data; else labels are dropped with ``label_dropout`` for
             classifier-free guidance, and sampling uses ``guidance`` (1 = no guidance).
+        augment: an augmentation pipeline (EDM's, ``conf/augment/edm.yaml``) applied to each training batch;
+            its labels go to the backbone (``augment_labels``), whose ``augment_dim`` must be its label count.
+            Sampling and validation pass no labels: no augmentation.
 
     ``hparams["config"]`` holds the resolved run config as plain containers (set by ``train``), saved in
     checkpoints so ``sample`` can rebuild the model; it is never used for computation here.
@@ -68,10 +72,19 @@ class DiffusionModule(LightningModule):
         loss_bin_range: tuple[float, float] = (-12.0, 12.0),
         compile: bool = False,
         channels_last: bool = False,
+        augment: AugmentPipe | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"config": {}})
-        self.backbone = backbone
+        augment_dim = getattr(backbone, "augment_dim", 0)
+        label_dim = 0 if augment is None else augment.label_dim
+        if augment_dim != label_dim:
+            raise ValueError(
+                f"backbone.augment_dim={augment_dim} ({type(backbone).__name__}) must equal the number of "
+                f"augmentation labels, {label_dim} (model.augment: {augment}); allowed: "
+                f"backbone.augment_dim={label_dim} with a UNet backbone, or augment=none with augment_dim 0"
+            )
+        self.backbone, self.augment = backbone, augment
         self.schedule, self.prediction, self.weighting = schedule, prediction, weighting
         self.proposal, self.sampler = proposal, sampler
         self.objective = Objective(schedule, prediction, weighting, proposal)
@@ -116,13 +129,19 @@ class DiffusionModule(LightningModule):
     def _loss(self, x: Tensor, y: Tensor, stream: int, eps: Tensor | None = None) -> Any:
         """The objective at λ ~ p and ε drawn for this step, or the batch's paired ``eps`` (reflow)."""
         cpu, dev = self._generators(stream)
+        net = partial(self.backbone, labels=self._labels_for_training(y, cpu))
+        if self.augment is not None:  # the loss on the augmented x, the denoiser told what was done
+            if eps is not None:
+                raise ValueError("model.augment would break the pairing of x with its noise (reflow pairs)")
+            seed = step_seed(self.seed, self.global_rank, self.global_step, stream + 2)
+            x, augment_labels = self.augment(x, torch.Generator().manual_seed(seed))
+            net = partial(net, augment_labels=augment_labels)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        labels = self._labels_for_training(y, cpu)
         logsnr = self.proposal.sample(x.shape[0], cpu, device=x.device).to(x.dtype)
         if eps is None:
             eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
-        return self.objective(partial(self.backbone, labels=labels), x, logsnr=logsnr, eps=eps)
+        return self.objective(net, x, logsnr=logsnr, eps=eps)
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         """``batch`` is (x, y), or (x, y, ε) with the noise paired with x (reflow pairs)."""
@@ -186,7 +205,8 @@ class DiffusionModule(LightningModule):
     # ---- sampling -------------------------------------------------------------------------------
     def denoiser(self, labels: Tensor | None = None, guidance: float | None = None) -> Callable:
         """``denoise(z, t) -> x̂`` for the samplers; classifier-free guidance
-        x̂ = x̂(∅) + w (x̂(y) − x̂(∅)) when ``guidance`` w ≠ 1 (Ho & Salimans 2022)."""
+        x̂ = x̂(∅) + w (x̂(y) − x̂(∅)) when ``guidance`` w ≠ 1 (Ho & Salimans 2022). No augmentation labels
+        are passed: the backbone's are zero, the model of un-augmented images (EDM, App. F.2)."""
         w = self.guidance if guidance is None else guidance
         null = None if labels is None else torch.full_like(labels, self.num_classes)
 

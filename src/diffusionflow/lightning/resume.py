@@ -14,7 +14,8 @@ resolved run config (``hyper_parameters.config``); it is compared leaf by leaf w
   state would silently override, or what makes the run no longer one run — ``model.*`` (optimizer, its
   state is restored; lr scheduler; label dropout), ``backbone.*``, ``weighting``, ``schedule``,
   ``prediction``, ``proposal`` (the adaptive one has state), ``sampler`` (the run's own measurements),
-  ``data.*``, ``seed`` and ``callbacks.ema.*`` (the EMA state is restored). Exceptions, which do not
+  ``data.*``, ``seed``, ``callbacks.ema.*`` (the EMA state is restored) and
+  ``callbacks.posthoc_ema.sigma_rels`` (the profiles are restored). Exceptions, which do not
   change what is computed: ``data.num_workers``, ``data.pin_memory``, ``data.persistent_workers``,
   ``model.compile``, ``model.channels_last`` and any ``data.*.root`` (where the same files are).
 - *Applied and recorded*: everything else — ``trainer.*`` (``max_steps``/``max_epochs``, devices,
@@ -69,6 +70,7 @@ REFUSED = (
     "data",
     "seed",
     "callbacks.ema",
+    "callbacks.posthoc_ema.sigma_rels",
 )
 # Keys under a refused prefix that may change: how data is loaded and how the network is compiled.
 REFUSED_EXCEPT = (

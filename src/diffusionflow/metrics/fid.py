@@ -36,6 +36,7 @@ __all__ = [
     "EvalRow",
     "Generated",
     "append_rows",
+    "decode_latents",
     "describe_dataset",
     "format_count",
     "generate_features",
@@ -78,6 +79,20 @@ class Generated:
     images: Tensor
 
 
+DECODE_BATCH = 32
+"""Latents per decoder call (the SD VAE decodes 32 images of 256² in a few GB)."""
+
+
+def decode_latents(
+    decode: Callable[[Tensor], Tensor], latents: Tensor, device: torch.device | str | None = None
+) -> Tensor:
+    """Images of ``latents`` by ``decode`` (latents → images in [−1, 1]), ``DECODE_BATCH`` at a time, in
+    float32 on ``device`` (None: the latents' device), without autograd."""
+    device = latents.device if device is None else device
+    with torch.no_grad():
+        return torch.cat([decode(z.to(device).float()) for z in latents.split(DECODE_BATCH)])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,11 +110,15 @@ def generate_features(
     keep: int = 0,
     progress: bool = False,
     desc: str = "",
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Generated:
     """Generates ``indices`` (:func:`~diffusionflow.metrics.generate.generate_batches`: seed
     ``seed_offset + i``, label i mod K), rounds them to uint8 as a saved PNG would be
     (:func:`~diffusionflow.metrics.extractors.to_uint8`) and accumulates the extractor's features in float64
-    sums. ``progress`` shows a bar with the generation and feature-extraction throughput."""
+    sums. ``progress`` shows a bar with the generation and feature-extraction throughput. A latent model's
+    samples (``shape`` the latent shape) go through ``decode`` (e.g. ``nn.vae.LatentCodec.decode``: latents
+    → images in [−1, 1], in float32) first: features and kept images are of the decoded images (decoding
+    counts as generation time)."""
     stats = FrechetStats(extractor.feature_dim, device=model.device)
     done: list[int] = []
     kept: list[Tensor] = []
@@ -110,6 +129,8 @@ def generate_features(
     with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         tick = time.perf_counter()
         for idx, samples in batches:
+            if decode is not None:
+                samples = decode_latents(decode, samples)
             images = to_uint8(samples)
             _sync(images.device)
             generated = time.perf_counter()
@@ -140,13 +161,22 @@ def _no_flips(dataset: Any) -> Iterator[None]:
         dataset.hflip = hflip
 
 
-def _dataset_batches(dataset: Any, batch_size: int, rank: int, world: int) -> Iterator[Tensor]:
-    """uint8 batches of this rank's shard of ``dataset`` (items ``(x in [-1, 1], y)``)."""
+def _dataset_batches(
+    dataset: Any,
+    batch_size: int,
+    rank: int,
+    world: int,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[Tensor]:
+    """uint8 batches of this rank's shard of ``dataset`` (items ``(x in [-1, 1], y)``; latents through
+    ``decode``, on ``device``, when given)."""
     with _no_flips(dataset):
         idx = shard(len(dataset), rank, world)
         for start in range(idx.start, idx.stop, batch_size):
             items = range(start, min(start + batch_size, idx.stop))
-            yield to_uint8(torch.stack([dataset[i][0] for i in items]))
+            x = torch.stack([dataset[i][0] for i in items])
+            yield to_uint8(x if decode is None else decode_latents(decode, x, device))
 
 
 def describe_dataset(factory: Callable[[], Any], dataset: Any) -> str:
@@ -165,11 +195,21 @@ def reference_moments(
     extractor: FeatureExtractor,
     cache_dir: str | Path,
     batch_size: int = 256,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    decoder: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(μ, Σ, key as JSON) of the reference set. ``train`` or ``val``: all of the (set-up) DataModule's
     set, through the cached, rank-sharded :func:`~diffusionflow.metrics.reference.reference_stats` (call
-    it on every rank), keyed by dataset, split, resolution, extractor and count. Else ``reference`` is an
-    ``.npz`` with ``mu`` and ``sigma`` (EDM's ``fid.py ref`` format)."""
+    it on every rank), keyed by dataset, split, resolution, extractor and count. A latent set is decoded
+    by ``decode`` (on the extractor's device) and keyed by ``decoder`` too (e.g. the VAE, its weights'
+    SHA-256 and the normalisation): the reference is then the VAE's reconstructions of the set, so that
+    the distance measures the generative model, not the autoencoder.
+
+    Else ``reference`` is an ``.npz`` whose ``mu`` and ``sigma`` are read (``allow_pickle=False``; other
+    arrays are not loaded): EDM's ``fid.py ref`` files, or ADM's reference batches (Dhariwal & Nichol
+    2021, guided-diffusion ``evaluations/``; e.g. ``VIRTUAL_imagenet256_labeled.npz``, whose ``mu`` and
+    ``sigma`` are the 2048-d Inception pool3 statistics of the real images beside ``arr_0``, the images,
+    and ``mu_s``/``sigma_s``, the spatial features of sFID, not used here)."""
     if reference not in REFERENCE_SPLITS:
         with np.load(reference) as npz:
             mu, sigma = npz["mu"], npz["sigma"]
@@ -191,8 +231,13 @@ def reference_moments(
         "extractor": extractor.name,
         "count": len(dataset),
     }
+    if decode is not None:
+        key["decoded_by"] = str(decoder)
     stats = reference_stats(
-        lambda rank, world: _dataset_batches(dataset, batch_size, rank, world), extractor, key, cache_dir
+        lambda rank, world: _dataset_batches(dataset, batch_size, rank, world, decode, extractor.device),
+        extractor,
+        key,
+        cache_dir,
     )
     return *stats.mean_cov(), json.dumps(key, sort_keys=True)
 
@@ -213,6 +258,10 @@ class EvalRow:
     weights: str
     reference: str
     sampler_config: str
+    guidance: float | None = None
+    """The classifier-free guidance scale (None: the run's own, or an unconditional model)."""
+    train_images: int | None = None
+    """Training images the weights had seen (optimizer steps × global batch), for snapshot curves."""
 
 
 def append_rows(path: Path, rows: Sequence[EvalRow], **extra: Any) -> None:

@@ -16,6 +16,19 @@ Parameter counts (``sum(p.numel() for p in model.parameters())``, 3×32×32 inpu
 The paper's models see 4×32×32 latents, predict 8 channels (learned variance), have 1000 classes and keep the
 position embedding as a frozen parameter; with those settings this implementation has 32,963,360 (S/2) and
 130,512,416 (B/2) parameters.
+
+On the latents of ImageNet-256 (4×32×32, 1000 classes; checked by ``tests/nn/test_dit_presets.py``), as
+trained here, predicting the 4 output channels only (no learned variance) with the position embedding a
+buffer:
+
+* ``dit_b2``: 130,303,504 (the paper's DiT-B/2: 130M).
+* ``dit_xl2``: 674,816,272 (the paper's DiT-XL/2: 675M).
+
+With the paper's 8 output channels and frozen position-embedding parameter these are 130,512,416 and
+675,129,632: the learned-variance head adds ``width·p²·4 + p²·4`` (12,304 and 18,448) and the frozen table
+``256·width`` (196,608 and 294,912): 0.16% of B/2, 0.05% of XL/2. SiT-XL/2 (Ma et al. 2024, "SiT: Exploring
+Flow and Diffusion-based Generative Models with Scalable Interpolant Transformers", §3) is this same
+network, trained with another objective: ``backbone=dit_xl2`` with ``experiment=imagenet256_sit_flow``.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
     "dit_tiny": dict(patch_size=2, depth=2, width=64, num_heads=4, mlp_ratio=4.0),
     "dit_s2": dict(patch_size=2, depth=12, width=384, num_heads=6, mlp_ratio=4.0),
     "dit_b2": dict(patch_size=2, depth=12, width=768, num_heads=12, mlp_ratio=4.0),
+    "dit_xl2": dict(patch_size=2, depth=28, width=1152, num_heads=16, mlp_ratio=4.0),
 }
 
 NOISE_FEATURES = 256  # frequency-embedding size of DiT's timestep embedder
@@ -144,7 +158,7 @@ class DiT(nn.Module):
 
     @classmethod
     def preset(cls, name: str, shape: Sequence[int], num_classes: int = 0, **overrides: Any) -> DiT:
-        """Build one of :data:`DIT_PRESETS` (``"dit_tiny"``, ``"dit_s2"``, ``"dit_b2"``)."""
+        """Build one of :data:`DIT_PRESETS` (``"dit_tiny"``, ``"dit_s2"``, ``"dit_b2"``, ``"dit_xl2"``)."""
         if name not in DIT_PRESETS:
             raise ValueError(f"preset name={name!r} is unknown; choose from {sorted(DIT_PRESETS)}")
         return cls(shape, num_classes, **{**DIT_PRESETS[name], **overrides})

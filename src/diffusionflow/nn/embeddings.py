@@ -6,9 +6,9 @@
   NCSN++ (Song et al. 2021, App. H.2).
 * :class:`LabelEmbedding` — a class-label table with one extra learned "null" row used when the label is
   dropped for classifier-free guidance (Ho & Salimans 2022, §3.2).
-* :class:`ConditioningEmbedding` — noise features → two-layer SiLU MLP, plus the label embedding, giving the
-  single conditioning vector that ADM (Dhariwal & Nichol 2021) and DiT (Peebles & Xie 2023, §3.2) feed to
-  every block.
+* :class:`ConditioningEmbedding` — noise features (plus, optionally, a bias-free linear map of augmentation
+  labels, as EDM's DDPM++) → two-layer SiLU MLP, plus the label embedding, giving the single conditioning
+  vector that ADM (Dhariwal & Nichol 2021) and DiT (Peebles & Xie 2023, §3.2) feed to every block.
 * :func:`sincos_2d_position_embedding` — the fixed 2-D sin-cos patch-position embedding of MAE / DiT.
 
 Backbones receive ``c_noise`` of shape ``(B,)`` or ``()`` with values of order one (−logSNR/8 in this
@@ -123,11 +123,33 @@ def validate_labels(labels: Tensor | None, num_classes: int, batch: int) -> None
         raise ValueError(f"labels must be an integer tensor of class indices; got dtype={labels.dtype}")
 
 
+def validate_augment_labels(augment_labels: Tensor | None, augment_dim: int, batch: int) -> None:
+    """Check the contract on ``augment_labels`` (static checks only, as :func:`validate_labels`)."""
+    if augment_labels is None:
+        return
+    if augment_dim == 0:
+        raise ValueError(
+            "augment_labels were given but the model has no augmentation input (augment_dim=0); "
+            "pass augment_labels=None"
+        )
+    if augment_labels.shape != (batch, augment_dim):
+        raise ValueError(
+            f"augment_labels must have shape ({batch}, {augment_dim}); got {tuple(augment_labels.shape)}"
+        )
+    if not augment_labels.is_floating_point():
+        raise ValueError(f"augment_labels must be a floating-point tensor; got dtype={augment_labels.dtype}")
+
+
 class ConditioningEmbedding(nn.Module):
-    """``MLP(noise_features(c_noise)) + label_embedding(labels)`` → (B, dim), without final activation.
+    """``MLP(noise_features(c_noise) + A·augment_labels) + label_embedding(labels)`` → (B, dim), without
+    final activation.
 
     The noise MLP is Linear → SiLU → Linear (DDPM, ADM, DiT); the label vector is added after it, as the
     class embedding of ADM (Dhariwal & Nichol 2021, §3) and DiT (Peebles & Xie 2023, §3.2, "adaLN").
+    With ``augment_dim > 0`` a bias-free ``augment_dim → features_dim`` linear map ``A`` of the
+    augmentation labels is added to the noise features before the MLP, as in EDM's DDPM++ (Karras et al.
+    2022, App. F.2). Without bias, ``augment_labels=None`` (sampling: no augmentation) and all-zero labels
+    give the same embedding.
     """
 
     def __init__(
@@ -136,21 +158,36 @@ class ConditioningEmbedding(nn.Module):
         features_dim: int,
         dim: int,
         num_classes: int,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional); got {num_classes}")
+        if augment_dim < 0:
+            raise ValueError(f"augment_dim must be >= 0 (0 = no augmentation labels); got {augment_dim}")
         self.num_classes = num_classes
+        self.augment_dim = augment_dim
         self.noise_features = noise_features
+        self.augment = nn.Linear(augment_dim, features_dim, bias=False) if augment_dim > 0 else None
         self.mlp = nn.Sequential(nn.Linear(features_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.label = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
 
-    def forward(self, c_noise: Tensor | float, labels: Tensor | None, like: Tensor) -> Tensor:
+    def forward(
+        self,
+        c_noise: Tensor | float,
+        labels: Tensor | None,
+        like: Tensor,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
         """Embed for a batch shaped and typed like ``like`` (the backbone input)."""
         batch = like.shape[0]
         validate_labels(labels, self.num_classes, batch)
+        validate_augment_labels(augment_labels, self.augment_dim, batch)
         c = broadcast_noise(c_noise, batch, like.device)
-        emb = self.mlp(self.noise_features(c).to(like.dtype))
+        features = self.noise_features(c).to(like.dtype)
+        if self.augment is not None and augment_labels is not None:
+            features = features + self.augment(augment_labels.to(like.dtype))
+        emb = self.mlp(features)
         if self.label is not None:
             emb = emb + self.label(labels, batch, like.device)
         return emb

@@ -5,16 +5,18 @@ per resolution level ``num_blocks`` residual blocks, with a down-sampling residu
 middle of two residual blocks, the first followed by self-attention; a decoder mirroring the encoder with
 ``num_blocks + 1`` blocks per level, each concatenating one stored encoder activation to its input; and
 GroupNorm → SiLU → zero-initialised 3×3 output conv. Every residual block receives the conditioning vector
-(sinusoidal noise embedding → MLP, plus label embedding), added before the second GroupNorm (DDPM++) or as a
-scale/shift of it ("adaptive group normalisation", ADM §3). The switches of :class:`UNet` select the two
-papers' variants; the presets in :data:`UNET_PRESETS` set every one of them explicitly.
+(sinusoidal noise embedding, plus optionally EDM's augmentation-label map → MLP, plus label embedding), added
+before the second GroupNorm (DDPM++) or as a scale/shift of it ("adaptive group normalisation", ADM §3). The
+switches of :class:`UNet` select the two papers' variants; the presets in :data:`UNET_PRESETS` set every one
+of them explicitly.
 
 Parameter counts (``sum(p.numel() for p in model.parameters())``, checked by ``tests/nn/test_backbones.py``):
 
-* ``ddpmpp_cifar`` on 3×32×32, unconditional: 55,732,739 — EDM (Table 7) reports 55.73M for DDPM++ CIFAR-10.
-  The layout matches EDM's layer for layer; EDM's network also has a 9→128 augmentation-label layer
-  (1,152 weights) that this project does not use. With ``num_classes=10``: 55,738,371 (our 11×512 label table
-  sits after the noise MLP, ADM/DiT style, where EDM's DDPM++ puts a 10→128 linear layer before it).
+* ``ddpmpp_cifar`` on 3×32×32, unconditional: 55,732,739 without augmentation labels; with EDM's
+  ``augment_dim=9`` (its CIFAR-10 training, ``train.py --augment=0.12``) the bias-free 9→128 augmentation
+  map adds 1,152 weights: 55,733,891, EDM's network layer for layer (EDM, Table 7: 55.73M). With
+  ``num_classes=10`` (and ``augment_dim=0``): 55,738,371 (our 11×512 label table sits after the noise MLP,
+  ADM/DiT style, where EDM's DDPM++ puts a 10→128 linear layer before it).
 * ``adm_imagenet64`` on 3×64×64 with ``num_classes=1000``: 295,900,035 — EDM (Table 7) reports 295.90M for
   ADM ImageNet-64. EDM's ADM predicts 6 channels (learned variance; 5,187 more weights in the output conv) and
   has no null-label row (768 fewer weights). Unconditional: 295,131,267.
@@ -236,6 +238,8 @@ class UNet(nn.Module):
         attn_every_decoder_block: attention after every decoder block at an attention resolution (ADM)
             rather than only after the last block of the level (DDPM++).
         skip_scale: factor applied after each residual sum (DDPM++: 1/√2; ADM: 1).
+        augment_dim: length of the augmentation-label vector (0: none), mapped without bias into the noise
+            features (EDM's DDPM++, Karras et al. 2022, App. F.2; see ``diffusionflow.data.augment``).
     """
 
     def __init__(
@@ -254,6 +258,7 @@ class UNet(nn.Module):
         resample_proj: bool = True,
         attn_every_decoder_block: bool = False,
         skip_scale: float = math.sqrt(0.5),
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
@@ -264,6 +269,7 @@ class UNet(nn.Module):
         )
         self.shape = shape
         self.num_classes = num_classes
+        self.augment_dim = augment_dim
 
         def heads(channels: int) -> int:
             divisor, arg = (head_channels, "head_channels") if head_channels > 0 else (num_heads, "num_heads")
@@ -290,7 +296,11 @@ class UNet(nn.Module):
             )
 
         self.embed = ConditioningEmbedding(
-            PositionalEmbedding(model_channels, endpoint=True), model_channels, emb_channels, num_classes
+            PositionalEmbedding(model_channels, endpoint=True),
+            model_channels,
+            emb_channels,
+            num_classes,
+            augment_dim=augment_dim,
         )
         channels = model_channels
         self.conv_in = nn.Conv2d(shape[0], channels, 3, padding=1)
@@ -329,13 +339,20 @@ class UNet(nn.Module):
             raise ValueError(f"preset name={name!r} is unknown; choose from {sorted(UNET_PRESETS)}")
         return cls(shape, num_classes, **{**UNET_PRESETS[name], **overrides})
 
-    def forward(self, z_in: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
-        """``z_in``: (B, C, H, W); ``c_noise``: (B,) or (); ``labels``: int (B,) or None → (B, C, H, W)."""
+    def forward(
+        self,
+        z_in: Tensor,
+        c_noise: Tensor,
+        labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
+        """``z_in``: (B, C, H, W); ``c_noise``: (B,) or (); ``labels``: int (B,) or None; ``augment_labels``:
+        float (B, augment_dim), or None for no augmentation (sampling) → (B, C, H, W)."""
         if tuple(z_in.shape[1:]) != self.shape:
             raise ValueError(
                 f"z_in must have shape (B, {', '.join(map(str, self.shape))}); got {tuple(z_in.shape)}"
             )
-        emb = silu(self.embed(c_noise, labels, z_in))
+        emb = silu(self.embed(c_noise, labels, z_in, augment_labels))
         h = self.conv_in(z_in)
         skips = [h]
         for block in self.encoder:
