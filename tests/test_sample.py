@@ -458,6 +458,8 @@ def test_two_processes_write_what_one_writes(conditional_ckpt, tmp_path):
 def test_torchrun_needs_a_named_out_dir(tmp_path, monkeypatch):
     """Under torchrun the default run folder (named by the start time) could differ between processes."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # an earlier test may have left some
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="^out_dir is the default run folder, .* give out_dir=<dir>$"):
         sample(compose_sample(["oracle=blog", f"paths.log_dir={tmp_path}"]))
