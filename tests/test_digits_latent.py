@@ -41,8 +41,8 @@ def test_vae_cache_round_trip_and_rebuild(tmp_path, monkeypatch, caplog):
     )
     assert json.loads(path.with_suffix(".json").read_text())["sha256"] == first.sha256
     trainings = []
-    real_train = dv._train
-    monkeypatch.setattr(dv, "_train", lambda *a: trainings.append(a) or real_train(*a))
+    real_train = dv._fit
+    monkeypatch.setattr(dv, "_fit", lambda *a: trainings.append(a) or real_train(*a))
     assert dv.digits_vae(path, epochs=1).sha256 == first.sha256 and trainings == []
 
     data = bytearray(path.read_bytes())

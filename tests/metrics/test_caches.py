@@ -91,7 +91,7 @@ def fake_training(monkeypatch) -> list[int]:
             torch.manual_seed(seed)
             return dc._CNN(feature_dim).state_dict(), 0.5 + seed / 100
 
-    monkeypatch.setattr(dc, "_train", train)
+    monkeypatch.setattr(dc, "_fit", train)
     return calls
 
 

@@ -20,6 +20,8 @@ import io
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +102,22 @@ def _accuracy(net: _CNN, x: Tensor, y: Tensor) -> float:
     return float((net(x).argmax(1) == y).double().mean())
 
 
-def _train(seed: int, feature_dim: int) -> tuple[dict[str, Tensor], float]:
-    """Adam on cross-entropy, ``EPOCHS`` epochs of the training split, with random ±1-pixel shifts;
-    everything drawn from ``seed`` (the global RNG is left untouched). Returns the state dict and the
-    test-split accuracy. Runs on one CPU thread: the net is too small to gain from more, and on a busy
-    machine two threads were ten times slower (5 s vs 50 s)."""
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """torch on one CPU thread inside the block (the cached small nets train this way: they gain nothing
+    from more, and on a busy machine two threads were ten times slower, 5 s vs 50 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fit(seed, feature_dim)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(seed: int, feature_dim: int) -> tuple[dict[str, Tensor], float]:
+    """Adam on cross-entropy, ``EPOCHS`` epochs of the training split, with random ±1-pixel shifts;
+    everything drawn from ``seed`` (the global RNG is left untouched). Returns the state dict and the
+    test-split accuracy."""
     x, y = _split("train")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -159,7 +163,8 @@ class DigitsClassifier(FeatureExtractor):
             log.info("digits classifier: cache hit %s", path)
         else:
             start = time.perf_counter()
-            state, accuracy = _train(seed, self.feature_dim)
+            with one_cpu_thread():
+                state, accuracy = _fit(seed, self.feature_dim)
             saved = {"state_dict": state, "test_accuracy": accuracy, "name": self.name}
             buffer = io.BytesIO()
             torch.save(saved, buffer)

@@ -46,7 +46,7 @@ from diffusionflow.data.digits import Digits
 from diffusionflow.data.latents import LABELS, LATENTS, META, LatentDataset
 from diffusionflow.errors import ConfigError
 from diffusionflow.metrics.cache import read_cached, write_cached
-from diffusionflow.metrics.digits_classifier import default_cache_dir
+from diffusionflow.metrics.digits_classifier import default_cache_dir, one_cpu_thread
 from diffusionflow.nn.vae import VAE_CONFIGS, build_autoencoder, latent_shape, latent_stats, load_autoencoder
 
 if TYPE_CHECKING:
@@ -133,16 +133,6 @@ def _fit(seed: int, epochs: int) -> dict[str, Tensor]:
     return vae.state_dict()
 
 
-def _train(seed: int, epochs: int) -> dict[str, Tensor]:
-    """:func:`_fit` on one CPU thread (as the digits classifier: a small net gains nothing from more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _fit(seed, epochs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _report_path(weights_path: Path) -> Path:
     return weights_path.with_suffix(".json")
 
@@ -182,7 +172,8 @@ def digits_vae(weights_path: str | Path | None = None, seed: int = 0, epochs: in
         log.info("digits VAE: cache hit %s (test PSNR %.2f dB)", path, cached.test_psnr)
         return cached
     start = time.perf_counter()
-    state = _train(seed, epochs)
+    with one_cpu_thread():
+        state = _fit(seed, epochs)
     seconds = time.perf_counter() - start
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -203,22 +194,6 @@ def digits_vae(weights_path: str | Path | None = None, seed: int = 0, epochs: in
         path,
     )
     return vae
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _folder_ok(root: Path, meta_wanted: dict[str, Any]) -> bool:
-    """``root`` holds a complete latent folder whose files match their checksums and whose meta.json
-    has ``meta_wanted``."""
-    files = [read_cached(root / name, log, "digits latents") for name in (LATENTS, LABELS, META)]
-    if any(f is None for f in files):
-        return False
-    meta = json.loads(files[2])
-    return meta.get("done") is True and all(meta.get(k) == v for k, v in meta_wanted.items())
 
 
 def digits_latents(
