@@ -1,6 +1,6 @@
 """Fault drill: inject the faults of a two-week cluster run into tiny training runs and check what survives.
 
-    python scripts/fault_drill.py [--out logs/drill] [--seed 0]
+    python scripts/fault_drill.py [--out logs/drill] [--seed 0] [--jobs 2]
 
 Every run trains the default 2-D job for ``STEPS`` optimizer steps (a checkpoint every ``EVERY`` steps,
 epochs of ``STEPS_PER_EPOCH`` steps, so kills land mid-epoch and across an epoch boundary) in its own
@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -196,16 +198,15 @@ def signal_case(
     expected: int,
     out: Path,
     ref: dict,
-    rng: random.Random,
+    step: int,
     env: dict[str, str] | None = None,
     mid_write: bool = False,
     before: Callable[[subprocess.Popen], None] | None = None,
     after: Callable[[Case, Path], None] | None = None,
 ) -> Case:
-    """A signal at a random step (``mid_write``: while a checkpoint is being written, made slow by 256 MB
-    of ballast); then the same command again, which resumes."""
+    """A signal at ``step`` (``mid_write``: while the checkpoint of that step is being written, made slow
+    by 256 MB of ballast); then the same command again, which resumes."""
     run_dir = out / name
-    step = EVERY * rng.randrange(1, STEPS // EVERY) if mid_write else rng.randrange(2, STEPS - 2)
     case = Case(name, at=f"step {step}" + (", writing the checkpoint" if mid_write else ""))
     proc = start(run_dir, [SLEEP, *(["+callbacks.drill_clock.ballast_mb=256"] if mid_write else [])], env)
     case.check("reached the step", wait_for_step(proc, run_dir, step))
@@ -232,7 +233,7 @@ def signal_case(
     return case
 
 
-def slurm_case(out: Path, ref: dict, rng: random.Random) -> Case:
+def slurm_case(out: Path, ref: dict, step: int) -> Case:
     """SLURM's time-limit signal (USR1, as the launcher asks for it), a fake ``scontrol`` that records
     the requeue, then SLURM's SIGTERM; the requeued job (same folder) continues."""
     bin_dir = out / "fake_slurm_bin"
@@ -261,15 +262,14 @@ def slurm_case(out: Path, ref: dict, rng: random.Random) -> Case:
         calls = record.read_text().split("\n") if record.exists() else []
         case.check("scontrol requeue 4242", "requeue 4242" in calls)
 
-    return signal_case("slurm_requeue", signal.SIGTERM, 143, out, ref, rng, env, before=usr1, after=requeued)
+    return signal_case("slurm_requeue", signal.SIGTERM, 143, out, ref, step, env, before=usr1, after=requeued)
 
 
-def sweep_case(out: Path, ref: dict, rng: random.Random) -> Case:
+def sweep_case(out: Path, ref: dict, step: int) -> Case:
     """SIGTERM in job 0 of a three-job sweep (basic launcher; the jobs differ in the sampler only, so each
     trains the reference weights): the sweep exits 143 and names the two jobs it did not run; the same
     command again resumes job 0 and runs the other two."""
     sweep_dir = out / "sweep"
-    step = rng.randrange(2, STEPS - 2)
     case = Case("sigterm in a 3-job sweep", at=f"job 0, step {step}")
     overrides = [SLEEP, "sampler.steps=4,5,6"]
     proc = start(sweep_dir, overrides, sweep=True)
@@ -293,9 +293,8 @@ def sweep_case(out: Path, ref: dict, rng: random.Random) -> Case:
     return case
 
 
-def nan_case(out: Path, rng: random.Random) -> Case:
+def nan_case(out: Path, step: int) -> Case:
     run_dir = out / "nan"
-    step = rng.randrange(EVERY + 1, STEPS)
     case = Case("nan_loss", at=f"step {step}")
     rc = train(
         run_dir, ["+callbacks.drill_nan._target_=drill_clock.NaNAtStep", f"+callbacks.drill_nan.step={step}"]
@@ -445,7 +444,9 @@ def hostile_cifar_case(out: Path) -> Case:
 
 
 # ---- the drill -------------------------------------------------------------------------------------
-def drill(out: Path, seed: int) -> list[Case]:
+def drill(out: Path, seed: int, jobs: int = 2) -> list[Case]:
+    """The reference run, then every case, ``jobs`` at a time (each in its own folder; a signal lands at
+    a step, not a time, so running cases side by side moves no fault)."""
     rng = random.Random(seed)
     if out.exists():
         shutil.rmtree(out)
@@ -454,26 +455,34 @@ def drill(out: Path, seed: int) -> list[Case]:
     if rc != 0:
         raise SystemExit(f"the reference run failed (exit {rc}); see {ref_dir / 'drill_stdout.log'}")
     ref = final_weights(ref_dir)
-    cases = [
-        signal_case("sigterm", signal.SIGTERM, 143, out, ref, rng),
-        signal_case("sigint", signal.SIGINT, 130, out, ref, rng),
-        signal_case("sigkill", signal.SIGKILL, -signal.SIGKILL, out, ref, rng),
-        signal_case("sigkill mid-checkpoint", signal.SIGKILL, -signal.SIGKILL, out, ref, rng, mid_write=True),
-        signal_case("sigterm mid-checkpoint", signal.SIGTERM, 143, out, ref, rng, mid_write=True),
-        slurm_case(out, ref, rng),
-        sweep_case(out, ref, rng),
-        nan_case(out, rng),
-        truncated_case(out, ref),
-        garbage_ckpt_case(out),
-        hostile_ckpt_case(out),
-        refused_case(
-            "ckpt_path is a URL", out, ["ckpt_path=http://example.com/x.ckpt", "resume=null"], "URL"
-        ),
-        two_runs_case(out),
-        cache_case(out),
-        hostile_cifar_case(out),
+
+    def any_step() -> int:
+        return rng.randrange(2, STEPS - 2)
+
+    def ckpt_step() -> int:
+        return EVERY * rng.randrange(1, STEPS // EVERY)
+
+    url = "http://example.com/x.ckpt"
+    term, intr, kill = signal.SIGTERM, signal.SIGINT, signal.SIGKILL
+    cases: list[Callable[[], Case]] = [
+        partial(signal_case, "sigterm", term, 143, out, ref, any_step()),
+        partial(signal_case, "sigint", intr, 130, out, ref, any_step()),
+        partial(signal_case, "sigkill", kill, -kill, out, ref, any_step()),
+        partial(signal_case, "sigkill mid-checkpoint", kill, -kill, out, ref, ckpt_step(), mid_write=True),
+        partial(signal_case, "sigterm mid-checkpoint", term, 143, out, ref, ckpt_step(), mid_write=True),
+        partial(slurm_case, out, ref, any_step()),
+        partial(sweep_case, out, ref, any_step()),
+        partial(nan_case, out, rng.randrange(EVERY + 1, STEPS)),
+        partial(truncated_case, out, ref),
+        partial(garbage_ckpt_case, out),
+        partial(hostile_ckpt_case, out),
+        partial(refused_case, "ckpt_path is a URL", out, [f"ckpt_path={url}", "resume=null"], "URL"),
+        partial(two_runs_case, out),
+        partial(cache_case, out),
+        partial(hostile_cifar_case, out),
     ]
-    return cases
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda case: case(), cases))
 
 
 def table(cases: Sequence[Case]) -> str:
@@ -496,9 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("logs/drill"))
     parser.add_argument("--seed", type=int, default=0, help="chooses the steps where faults land")
+    parser.add_argument("--jobs", type=int, default=2, help="cases run side by side (each a 1-thread run)")
     args = parser.parse_args(argv)
     start_time = time.monotonic()
-    cases = drill(args.out.resolve(), args.seed)
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs}: must be >= 1")
+    cases = drill(args.out.resolve(), args.seed, args.jobs)
     text = table(cases)
     print(text)
     print(f"({time.monotonic() - start_time:.0f} s)")

@@ -8,10 +8,15 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from torch import Tensor
 
 from diffusionflow.core.oracle import GaussianMixture
 from diffusionflow.metrics import FeatureExtractor
+from diffusionflow.paths import CONFIG_DIR
 
 
 def make_mixture(dim: int = 2, components: int = 3, seed: int = 0) -> GaussianMixture:
@@ -45,3 +50,12 @@ class MeanStd(FeatureExtractor):
     def forward(self, images: Tensor) -> Tensor:
         x = images.double() / 255
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+
+
+def compose_sample(overrides: list[str]) -> DictConfig:
+    """The composed ``sample`` config, with Hydra's config set as the entry point has it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("sample", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg

@@ -16,10 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from diffusionflow.data.digits import Digits
 from diffusionflow.data.latents import LatentDataset
 from diffusionflow.errors import ConfigError
+from diffusionflow.evaluate import main as evaluate_main
 from diffusionflow.metrics import digits_vae as dv
 from diffusionflow.metrics.cache import checksum_path
 from diffusionflow.nn.vae import LatentCodec
+from diffusionflow.sample import sample
 from diffusionflow.train import train
+from helpers import compose_sample
 from train.conftest import compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,7 +87,8 @@ def test_reconstruction_error_bound(vae):
 @pytest.mark.slow  # the full digits VAE, trained once per session (about a minute on 2 busy cores)
 def test_digits_latent_end_to_end(vae, cache_dir, tmp_path, monkeypatch):
     """A short digits_latent run: the latents are encoded and trained on, and every sample goes through
-    the VAE's decoder before fd_digits, the mosaic and samples.npz."""
+    the VAE's decoder before fd_digits, the mosaic and samples.npz; then ``evaluate samplers`` and
+    ``sample`` on its checkpoint decode too."""
     calls: list[tuple[int, ...]] = []
     decode = LatentCodec.decode
 
@@ -120,6 +124,24 @@ def test_digits_latent_end_to_end(vae, cache_dir, tmp_path, monkeypatch):
     assert (tmp_path / "samples_mosaic.png").is_file() and (tmp_path / "samples.png").is_file()
     rows = (tmp_path / "eval" / "fid.csv").read_text()
     assert "decoded_by" in rows and f"digits:{vae.sha256[:16]}:edm2" in rows
+
+    # the checkpoint outside training: `evaluate samplers` decodes as the callback did (same value), and
+    # `sample` writes decoded images
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    calls.clear()
+    grid = evaluate_main(
+        [
+            *("samplers", "--ckpt", str(ckpt), "--out", str(tmp_path / "grid"), "--samplers", "heun:4"),
+            *("--metric", "fd_digits", "--num-samples", "64", "--batch-size", "16"),
+            *("--cache-dir", str(cache_dir)),
+        ]
+    )
+    assert [r.key for r in grid] == [key] and grid[0].value == pytest.approx(metrics[key], rel=1e-6)
+    assert sum(shape[0] for shape in calls) == 64  # the reference statistics came from the cache
+    sample(compose_sample([f"out_dir={tmp_path / 'sampled'}", f"ckpt_path={ckpt}", "num_samples=6"]))
+    with np.load(tmp_path / "sampled" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (6, 16, 16, 1) and npz["arr_0"].dtype == np.uint8
+    assert sum(shape[0] for shape in calls) == 64 + 6
 
 
 def test_other_vae_config_is_refused_before_any_work(tmp_path):

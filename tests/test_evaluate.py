@@ -122,7 +122,7 @@ def test_samplers_rejects_bad_input_before_work(toy_run, tmp_path, capsys):
     for args, message in [
         (
             ["--metric", "fd_digits", "--samplers", "heun:3"],
-            "--metric fd_digits does not fit data of shape [2]",
+            "--metric fd_digits does not fit samples of shape [2]",
         ),
         (["--metric", "toy", "--samplers", "heun"], "expected name:steps"),
         (

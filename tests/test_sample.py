@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffusionflow import sample as sample_module
@@ -34,23 +32,14 @@ from diffusionflow.metrics.extractors import save_random_inception_weights, to_u
 from diffusionflow.metrics.generate import generate
 from diffusionflow.metrics.images import count_images, image_batches, save_png_folder
 from diffusionflow.metrics.toy import energy_distance
-from diffusionflow.paths import CONFIG_DIR
 from diffusionflow.sample import Source, sample
 from diffusionflow.train import train
+from helpers import compose_sample
 from train.conftest import compose_train
 
 N = 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def compose_sample(overrides: list[str]) -> DictConfig:
-    """The composed ``sample`` config, with Hydra's config set as the entry point has it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("sample", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def run(out_dir: Path, *overrides: str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ in ``fid_vs_nfe.png`` (and against training images and guidance, ``fid_vs_train_
 generates and sums); each process draws its shard of the seeds and the float64 feature sums are
 all-reduced, so ``grid.csv`` does not depend on the number of processes; rank 0 writes it.
 ``--metric`` is ``fid`` (Inception), ``fd_digits`` (the digits classifier) or
-``toy`` (sliced W2, energy distance and exact log-density on 2-D data). ``nll`` estimates the negative
+``toy`` (sliced W2, energy distance and exact log-density on 2-D data); a latent model's samples and its
+reference set are decoded by its VAE first, as training's FID does. ``nll`` estimates the negative
 log-likelihood of points of the run's own data set through the probability-flow ODE and the ELBO
 (``diffusionflow.nll``), in nats and bits/dim, written to ``nll.json``. ``sets`` is
 torch-fidelity's command line on two image sets (a PNG folder or a uint8 NHWC ``.npz``), with its JSON
@@ -62,11 +63,13 @@ from diffusionflow.core.posthoc_ema import SIGMA_REL_MAX
 from diffusionflow.distributed import Ranks, barrier, close_ranks, gather_objects, init_ranks
 from diffusionflow.errors import ConfigError
 from diffusionflow.lightning.checkpoint_io import read_checkpoint
+from diffusionflow.lightning.final_eval import latent_codec
 from diffusionflow.metrics.digits_classifier import DigitsClassifier, default_cache_dir
 from diffusionflow.metrics.extractors import (
     EXTRACTORS,
     PRETRAINED,
     WEIGHTS_FILENAME,
+    DinoV2,
     InceptionV3,
     PretrainedWeights,
     TorchFidelityExtractor,
@@ -314,9 +317,11 @@ def _fd_row(
     shape: Sequence[int],
     ranks: Ranks,
     args: argparse.Namespace,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalRow:
-    """The Fréchet distance of one grid point: each rank generates its shard of the seeds, the float64
-    feature sums are all-reduced (as ``FIDCallback`` does), so the value does not depend on the ranks."""
+    """The Fréchet distance of one grid point: each rank generates its shard of the seeds (latents
+    decoded by ``decode``), the float64 feature sums are all-reduced (as ``FIDCallback`` does), so the
+    value does not depend on the ranks."""
     metric = metric_name_of(extractor)
     gen = generate_features(
         module,
@@ -328,6 +333,7 @@ def _fd_row(
         seed_offset=args.seed_offset,
         progress=ranks.is_main,
         desc=_key(metric, point, args),
+        decode=decode,
     )
     gen.stats.all_reduce()
     mu, sigma, reference = moments
@@ -440,18 +446,25 @@ def samplers(args: argparse.Namespace) -> list[EvalRow]:
         inception = _inception(args.inception_weights, ranks.device) if args.metric == "fid" else None
         snapshots, data = _snapshots(files, weights, args)
         datamodule = instantiate_checked(data, "data")
+        datamodule.setup("fit")
         shape = list(datamodule.shape)
+        latent = latent_codec(datamodule)  # latent data: samples and reference decoded by the VAE
+        decode = decoder = None
+        if latent is not None:
+            codec, decoder = latent[0].to(ranks.device).eval(), latent[1]
+            decode = codec.decode
+        images = shape if latent is None else list(codec.image_shape(shape))
         fits = {
-            "toy": len(shape) == 1,
-            "fid": len(shape) == 3,
-            "fd_digits": shape[:1] == [1] and len(shape) == 3,
+            "toy": len(images) == 1,
+            "fid": len(images) == 3,
+            "fd_digits": images[:1] == [1] and len(images) == 3,
         }
         if not fits[args.metric]:
             raise CommandError(
-                f"--metric {args.metric} does not fit data of shape {shape} ({data.train_dataset._target_}); "
+                f"--metric {args.metric} does not fit samples of shape {images} "
+                f"({data.train_dataset._target_}); "
                 f"allowed: {[m for m, ok in fits.items() if ok]}"
             )
-        datamodule.setup("fit")
         if args.metric == "toy":
 
             def score(module: Any, point: GridPoint) -> list[EvalRow]:
@@ -459,11 +472,11 @@ def samplers(args: argparse.Namespace) -> list[EvalRow]:
         else:
             extractor = inception or _digits_classifier(Path(args.cache_dir), ranks)
             moments = reference_moments(
-                args.reference, datamodule, extractor, args.cache_dir, args.batch_size
+                args.reference, datamodule, extractor, args.cache_dir, args.batch_size, decode, decoder
             )
 
             def score(module: Any, point: GridPoint) -> list[EvalRow]:
-                return [_fd_row(module, point, extractor, moments, shape, ranks, args)]
+                return [_fd_row(module, point, extractor, moments, shape, ranks, args, decode)]
 
         groups = [(s, _measure(s, weights, measured, guidance, score, ranks.device)) for s in snapshots]
         if ranks.is_main:
@@ -670,8 +683,12 @@ def sets(args: argparse.Namespace) -> dict[str, Any]:
             f"--prc-neighborhood {args.prc_neighborhood} must be < {min(counts)} (the smaller set's size)"
         )
     device = _device(args.device)
+    try:
+        files = {"fd_dinov2": DinoV2.weights_of(args.dinov2_model), "prc": EXTRACTORS["prc"].weights_file}
+    except ValueError as err:
+        raise CommandError(f"--dinov2-model {args.dinov2_model}: {err}") from err
     weights = {"fd_dinov2": args.dinov2_weights, "prc": args.vgg16_weights}
-    paths = {m: EXTRACTORS[m].weights_file.resolve(weights[m]) for m in weights if getattr(args, m)}
+    paths = {m: files[m].resolve(weights[m]) for m in weights if getattr(args, m)}
     inception = _inception(args.inception_weights, device) if on_inception else None
     out: dict[str, Any] = {}
     try:  # a file whose header read but whose pixels do not, a weights file of another network: named
@@ -681,12 +698,13 @@ def sets(args: argparse.Namespace) -> dict[str, Any]:
             first = _features(inception, args.input1, args.batch_size)
             second = _features(inception, args.input2, args.batch_size) if args.fid or args.kid else None
         for metric, path in paths.items():
-            net = build_extractor(metric, path, device)
+            options = {"name": args.dinov2_model} if metric == "fd_dinov2" else {}
+            net = build_extractor(metric, path, device, **options)
             if metric == "fd_dinov2":
                 _warn_if_singular(min(counts), net)
             features = [_features(net, source, args.batch_size)[0] for source in (args.input1, args.input2)]
             if metric == "fd_dinov2":
-                out["fd_dinov2"] = _frechet(features)
+                out[net.metric_name] = _frechet(features)
             else:
                 out |= precision_recall(*features, k=args.prc_neighborhood)
             out[f"extractor_{metric}"] = net.name
@@ -821,7 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare sets of different image sizes (each resized by the extractor), with a warning",
     )
     c.add_argument("--inception-weights", help="Inception weights file (default: the torch.hub cache)")
-    c.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights file (default: the torch.hub cache)")
+    c.add_argument(
+        "--dinov2-model",
+        default=DinoV2.name,
+        help=f"torch-fidelity's DINOv2 extractor for --fd-dinov2 (default {DinoV2.name}, EDM2's FD-DINOv2; "
+        "another is reported as fd_<model>)",
+    )
+    c.add_argument("--dinov2-weights", help="DINOv2 weights file (default: the torch.hub cache)")
     c.add_argument("--vgg16-weights", help="torchvision VGG-16 weights file (default: the torch.hub cache)")
     c.add_argument("--device", help="default: cuda when available, else cpu")
     c.add_argument("--json", help="also write the result to this file")

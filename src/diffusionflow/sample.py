@@ -18,6 +18,10 @@ Writes to ``out_dir`` (default ``logs/sample/runs/<date>_<time>/``), by ``format
 - ``samples.png``: a scatter over the true law for 2-D data, a mosaic of the first images otherwise;
 - for 2-D toy laws, ``metrics.json`` with the toy metrics of training's final evaluation.
 
+A latent model (trained on ``conf/data/latents.yaml``-style data, ``data.vae`` set) is sampled in latent
+space and each batch decoded by its VAE (``data.vae``'s config and weights, with the normalisation of its
+latent folder ``data.train_dataset``, as training's FID does) before it is written: the outputs are images.
+
 Noise: sample i has its own seed, ``seed + i``, through the generator that training's evaluation, the
 FID callback, ``evaluate`` and reflow pairs use (``diffusionflow.metrics.generate``): its initial noise
 (drawn in the model's dtype) and a stochastic sampler's fresh noise come from that generator alone, so a
@@ -42,6 +46,7 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -62,11 +67,14 @@ from diffusionflow.core.schedules import Schedule
 from diffusionflow.data.toy2d import MIXTURES, Toy2D
 from diffusionflow.distributed import Ranks, barrier, close_ranks, gather_objects, init_ranks
 from diffusionflow.errors import ConfigError
+from diffusionflow.lightning.final_eval import latent_codec
 from diffusionflow.metrics.extractors import to_uint8
+from diffusionflow.metrics.fid import decode_latents
 from diffusionflow.metrics.generate import GenerativeModel, generate_batches, nfe_of, shard
 from diffusionflow.metrics.images import image_batches, save_png_folder
 from diffusionflow.metrics.pictures import image_mosaic, scatter_plot
 from diffusionflow.metrics.toy_samples import toy_metrics
+from diffusionflow.nn.vae import LatentCodec
 from diffusionflow.paths import CONFIG_DIR, CONFIG_PKG, replace_atomically
 
 __all__ = ["main", "sample", "validate"]
@@ -116,6 +124,14 @@ class Source:
     guidance: float | None = None
     law: Any = None
     """A dataset with ``reference_samples`` (and ``mixture`` when exact) for 2-D data, else None."""
+    decode: Callable[[Tensor], Tensor] | None = None
+    image_shape: tuple[int, ...] | None = None
+    """A latent model's VAE decoder (latents → images in [−1, 1]) and the shape of its images."""
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The shape of one written sample: the decoded image for a latent model, else ``shape``."""
+        return self.image_shape or self.shape
 
 
 def _overrides(group: str) -> list[str]:
@@ -195,6 +211,7 @@ def _checkpoint_source(cfg: DictConfig, device: torch.device) -> Source:
     data = module.hparams["config"]["data"]
     shape = tuple(data["shape"])
     law = instantiate_checked(data["train_dataset"], "data.train_dataset")() if len(shape) == 1 else None
+    codec = _latent_codec(data, description, device) if data.get("vae") else None
     return Source(
         description=description,
         weights=cfg.weights,
@@ -203,7 +220,25 @@ def _checkpoint_source(cfg: DictConfig, device: torch.device) -> Source:
         labels=labels,
         guidance=module.guidance if cfg.guidance is None else float(cfg.guidance),
         law=law,
+        decode=None if codec is None else codec.decode,
+        image_shape=None if codec is None else codec.image_shape(shape),
     )
+
+
+def _latent_codec(data: DictConfig, description: str, device: torch.device) -> LatentCodec:
+    """The VAE of a latent checkpoint's ``data.vae`` with the normalisation of its latent folder (its
+    ``meta.json``), built as training's evaluation builds it; a ConfigError names what is missing."""
+    try:
+        datamodule = instantiate_checked(data, "data")
+        datamodule.setup("fit")
+        codec, _ = latent_codec(datamodule)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(
+            f"{description} samples latents of data.vae.config={data.vae.config}; decoding them needs that "
+            f"VAE's weights (data.vae.weights_path={data.vae.get('weights_path')}) and the latent folder it "
+            f"was trained on (data.train_dataset, for the normalisation): {err}"
+        ) from err
+    return codec.to(device).eval()
 
 
 def _oracle_source(cfg: DictConfig) -> Source:
@@ -253,7 +288,7 @@ def _draw(source: Source, cfg: DictConfig, ranks: Ranks, out_dir: Path, rows: Ro
     ``rows`` (uint8 NHWC for images, the float samples for 2-D data) and, for ``format`` png or both, to
     ``out_dir/samples/<index>.png``; nothing is kept."""
     mine = shard(int(cfg.num_samples), ranks.rank, ranks.world)
-    images = len(source.shape) == 3
+    images = len(source.out_shape) == 3
     pngs = images and cfg.format in ("png", "both")
     labels = None if source.labels is None else source.labels[mine.start : mine.stop]
     batches = generate_batches(
@@ -268,6 +303,8 @@ def _draw(source: Source, cfg: DictConfig, ranks: Ranks, out_dir: Path, rows: Ro
     desc = "sampling" if ranks.world == 1 else f"sampling (rank 0 of {ranks.world})"
     with tqdm(total=len(mine), desc=desc, unit="img", disable=None if ranks.is_main else True) as bar:
         for idx, x in batches:
+            if source.decode is not None:
+                x = decode_latents(source.decode, x, x.device)
             batch = to_uint8(x).cpu() if images else x.cpu()
             if rows is not None:
                 rows.array[idx[0] : idx[-1] + 1] = (batch.permute(0, 2, 3, 1) if images else batch).numpy()
@@ -341,8 +378,8 @@ def _rows_layout(source: Source, cfg: DictConfig) -> tuple[tuple[int, ...], np.d
     """The shape and dtype of samples.npz's samples: uint8 (N, H, W, C) images, the model's float
     (N, D) points, or None when ``format=png`` writes images as PNG files only."""
     n = int(cfg.num_samples)
-    if len(source.shape) == 3:
-        c, h, w = source.shape
+    if len(source.out_shape) == 3:
+        c, h, w = source.out_shape
         return None if cfg.format == "png" else ((n, h, w, c), np.dtype(np.uint8))
     if cfg.format != "npz":
         raise ConfigError(
@@ -385,7 +422,8 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         written = [out_dir / NPZ] * (rows is not None) + [out_dir / PNG_FOLDER] * (cfg.format != "npz")
         print(
             f"{cfg.num_samples} samples from {source.description} ({source.weights}) with {sampler.name}, "
-            f"{sampler.steps} steps, NFE {sampler.nfe} -> {', '.join(map(str, written))}"
+            f"{sampler.steps} steps, NFE {sampler.nfe}{', decoded by its VAE' * (source.decode is not None)} "
+            f"-> {', '.join(map(str, written))}"
         )
         return metrics
     finally:

@@ -8,6 +8,7 @@ Sweeps: ``python -m diffusionflow.train -m weighting=edm,sd3,flow,cosine_v``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import get_class
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -38,6 +40,7 @@ from diffusionflow.lightning.resume import (
     record_resume,
     resolve_ckpt_path,
 )
+from diffusionflow.nn.vae import PUBLISHED, resolve_weights
 from diffusionflow.paths import CONFIG_PKG
 from diffusionflow.plots import plot_weightings
 from diffusionflow.reflow import prepare_reflow_pairs  # reflow pairs hook
@@ -65,6 +68,32 @@ def validate(cfg: DictConfig) -> None:
             f"model.label_dropout={cfg.model.label_dropout} needs labelled data (data.num_classes=0); "
             "allowed: model.label_dropout=0.0"
         )
+    why = _augment_refusal(cfg)
+    if why is not None:
+        raise ConfigError(
+            f"model.augment ({cfg.model.augment._target_}): {why}; allowed: augment=none, or image data "
+            "(not reflow pairs) with a UNet backbone (unet_tiny, ddpmpp_cifar, adm_imagenet64)"
+        )
+    vae = cfg.data.get("vae")
+    if vae and vae.config in PUBLISHED:  # released weights: a missing file is one the run cannot make
+        try:
+            resolve_weights(vae.config, vae.get("weights_path"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"data.vae.weights_path={vae.get('weights_path')}: {err}") from err
+
+
+def _augment_refusal(cfg: DictConfig) -> str | None:
+    """Why ``model.augment`` cannot run with this backbone and data (None when it can, or is off)."""
+    if not cfg.model.get("augment"):
+        return None
+    backbone = cfg.backbone._target_
+    if "augment_dim" not in inspect.signature(get_class(backbone)).parameters:
+        return f"backbone {backbone} has no augmentation input (augment_dim)"
+    if len(cfg.data.shape) != 3:
+        return f"data.shape={list(cfg.data.shape)} is not an image"
+    if "pairs" in cfg.data.train_dataset:
+        return "it would break the pairing of each x with its noise (reflow pairs)"
+    return None
 
 
 def _instantiate_dict(node: DictConfig | None, key: str) -> list[Any]:

@@ -3,11 +3,12 @@
 precision/recall's closed forms, and the offline weights errors.
 
 The real weights cannot be downloaded here. torch-fidelity builds DINOv2 with
-``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` (GitHub code, then the released weights);
+``torch.hub.load("facebookresearch/dinov2", "dinov2_vit*14")`` (GitHub code, then the released weights);
 in its run that call is answered with a :class:`DinoViT` loaded from the random-init file, so the
 comparison covers image reading, torch-fidelity's resize/normalisation and the Fréchet distance, and the
 network is checked against the hub code in :func:`test_dinovit_matches_the_hub_code` where that code is
-cached. ViT-L/14 at 224 px costs ~1–10 s per image on a CPU, hence the tiny sets of the slow tests.
+cached. ViT-L/14 at 224 px costs ~1–10 s per image on a CPU, hence ViT-S/14 (same code, 12 blocks of
+width 384) and tiny sets in the slow tests.
 """
 
 from __future__ import annotations
@@ -67,32 +68,47 @@ def _hub_answer(weights: Path, asked: list[tuple[str, str]]):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("offline")
-def test_fd_dinov2_matches_torch_fidelity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ViT-L/14 (the real architecture, 304M parameters) on 3 + 4 images of 32 × 32."""
-    weights = save_random_dinov2_weights(tmp_path / "dinov2_vitl14.pth", seed=0)
+def test_fd_dinov2_matches_torch_fidelity(
+    vits14: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--dinov2-model`` ViT-S/14 (the ViT-L/14 of FD-DINOv2 is the same code at 24 blocks of width
+    1024, ~20× the CPU time; its layout is checked below) on 3 + 4 images of 32 × 32."""
     sets = _pngs(
         tmp_path,
         a=synthetic_images(3, seed=1, cells=4, tint=0.0),
         b=synthetic_images(4, seed=2, cells=8, tint=0.3),
     )
-    ours = main(["sets", sets["a"], sets["b"], "--fd-dinov2", "--dinov2-weights", str(weights)])
-    assert ours["extractor_fd_dinov2"] == "dinov2-vit-l-14"
+    model = "dinov2-vit-s-14"
+    args = ["--fd-dinov2", "--dinov2-model", model, "--dinov2-weights", str(vits14)]
+    ours = main(["sets", sets["a"], sets["b"], *args])
+    assert ours["extractor_fd_dinov2"] == model
     asked: list[tuple[str, str]] = []
-    monkeypatch.setattr(torch.hub, "load", _hub_answer(weights, asked))
+    monkeypatch.setattr(torch.hub, "load", _hub_answer(vits14, asked))
     theirs = torch_fidelity.calculate_metrics(
         input1=sets["a"],
         input2=sets["b"],
         fid=True,
-        feature_extractor="dinov2-vit-l-14",
+        feature_extractor=model,
         cuda=False,
         cache=False,
         verbose=False,
         datasets_download=False,
     )
-    assert asked == [("facebookresearch/dinov2", "dinov2_vitl14")]
+    assert asked == [("facebookresearch/dinov2", "dinov2_vits14")]
     fd = theirs["frechet_inception_distance"]
     assert fd > 1.0, "a degenerate network gives FD ≈ 0 for any two sets"
-    assert ours["fd_dinov2"] == pytest.approx(fd, rel=1e-6)
+    assert ours[f"fd_{model}"] == pytest.approx(fd, rel=1e-6)
+
+
+def test_an_unknown_dinov2_model_is_refused_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = _pngs(tmp_path, a=synthetic_images(2, seed=1), b=synthetic_images(2, seed=2))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sets", sets["a"], sets["b"], "--fd-dinov2", "--dinov2-model", "dinov2-vit-x-14"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--dinov2-model dinov2-vit-x-14" in err and "dinov2-vit-l-14" in err
 
 
 def test_dinovit_has_the_released_parameter_layout() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,9 @@ def test_experiments_needing_data_fail_with_the_folder_to_fill(train_cfg, experi
     cfg = train_cfg([f"experiment={experiment}", "debug=fdr", *one_device])
     cfg.trainer.accelerator = "cpu"
     cfg.trainer.precision = "32-true"
-    with pytest.raises(
-        (FileNotFoundError, ConfigError), match=str(tmp_path / "data")
-    ):  # data or FID reference
+    folder = re.escape(str(tmp_path / "data"))  # data or FID reference; for latents, the SD VAE's weights
+    vae = "data.vae.weights_path=None: VAE weights .* not found"
+    with pytest.raises((FileNotFoundError, ConfigError), match=rf"{folder}|{vae}"):
         train(cfg)
 
 
@@ -67,6 +68,13 @@ def test_experiments_needing_data_fail_with_the_folder_to_fill(train_cfg, experi
         (["weighting=elbo", "sampler=ddim"], "prediction=eps cannot give"),
         (["sampler=ddim", "+sampler.stpes=4"], "unknown options \\['stpes'\\]"),
         (["proposal=mode", "proposal.s=9"], "s=9"),
+        (["augment=edm"], r"model.augment \(.*AugmentPipe\): backbone diffusionflow.nn.MLP has no augment"),
+        (["augment=edm", "data=digits", "backbone=dit_tiny"], "backbone diffusionflow.nn.DiT has no augment"),
+        (
+            ["experiment=imagenet256_sit_flow", "data.vae.weights_path=/no/vae.safetensors"],
+            "data.vae.weights_path=/no/vae.safetensors: VAE weights file /no/vae.safetensors does not exist; "
+            ".*prefetch",
+        ),
     ],
 )
 def test_bad_config_fails_before_training(train_cfg, tmp_path, overrides, match):

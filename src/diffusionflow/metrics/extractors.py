@@ -33,7 +33,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 from unittest import mock
 
 import torch
@@ -266,10 +266,7 @@ class DinoV2(TorchFidelityExtractor):
     def __init__(self, weights_path: str | Path | None = None, name: str = "dinov2-vit-l-14") -> None:
         super().__init__()
         tf_dinov2 = _tf("feature_extractor_dinov2")
-        hub_name = tf_dinov2.MODEL_METADATA.get(name)
-        if hub_name not in ARCHS:
-            allowed = [n for n, h in tf_dinov2.MODEL_METADATA.items() if h in ARCHS]
-            raise ValueError(f"DINOv2 extractor {name!r}: allowed {allowed}")
+        hub_name = DinoV2.hub_name(name)
         self.name, self.feature_dim = name, ARCHS[hub_name][0]
         if name != DinoV2.name:
             self.metric_name = f"fd_{name}"
@@ -281,6 +278,20 @@ class DinoV2(TorchFidelityExtractor):
         with mock.patch.object(torch.hub, "load", return_value=vit):
             self.net = tf_dinov2.FeatureExtractorDinoV2(name, [feature])
         self._freeze()
+
+    @staticmethod
+    def hub_name(name: str) -> str:
+        """torch.hub's model name of torch-fidelity's extractor ``name`` (a ValueError naming the allowed)."""
+        metadata = _tf("feature_extractor_dinov2").MODEL_METADATA
+        if metadata.get(name) not in ARCHS:
+            allowed = [n for n, h in metadata.items() if h in ARCHS]
+            raise ValueError(f"DINOv2 extractor {name!r}: allowed {allowed}")
+        return metadata[name]
+
+    @staticmethod
+    def weights_of(name: str) -> PretrainedWeights:
+        """The released weights file of the extractor ``name``."""
+        return _dinov2_weights(DinoV2.hub_name(name))
 
 
 class VGG16(TorchFidelityExtractor):
@@ -312,13 +323,14 @@ EXTRACTORS: dict[str, type[TorchFidelityExtractor]] = {"fid": InceptionV3, "fd_d
 
 
 def build_extractor(
-    metric: str, weights_path: str | Path | None = None, device: torch.device | str = "cpu"
+    metric: str, weights_path: str | Path | None = None, device: torch.device | str = "cpu", **options: Any
 ) -> FeatureExtractor:
-    """The feature network of ``metric`` (a key of :data:`EXTRACTORS`) on ``device``, its weights from
-    ``weights_path`` or the torch.hub cache (a FileNotFoundError naming the file otherwise)."""
+    """The feature network of ``metric`` (a key of :data:`EXTRACTORS`; ``options`` go to its class, e.g.
+    DINOv2's ``name``) on ``device``, its weights from ``weights_path`` or the torch.hub cache (a
+    FileNotFoundError naming the file otherwise)."""
     if metric not in EXTRACTORS:
         raise ValueError(f"metric {metric!r} has no pretrained extractor; allowed: {list(EXTRACTORS)}")
-    return EXTRACTORS[metric](weights_path).to(device)
+    return EXTRACTORS[metric](weights_path, **options).to(device)
 
 
 # ---- random-init weights for offline tests and benchmarks --------------------------------------------

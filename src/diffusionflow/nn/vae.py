@@ -320,3 +320,14 @@ class LatentCodec(nn.Module):
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int]:
         """(C, H, W) of the images → the shape of their latents (:func:`latent_shape`)."""
         return latent_shape(self.autoencoder.config, image_shape)
+
+    def image_shape(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """(C, H, W) of latents → the shape of the images they decode to (the inverse of ``latent_shape``)."""
+        config = self.autoencoder.config
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        channels, height, width = (int(s) for s in latent_shape)
+        if channels != config["latent_channels"]:
+            raise ValueError(
+                f"latent shape {tuple(latent_shape)}: the VAE decodes {config['latent_channels']} channels"
+            )
+        return config["out_channels"], height * factor, width * factor
