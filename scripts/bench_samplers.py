@@ -6,17 +6,23 @@ For the 2-D mixture of the blog figures and a 16-D mixture with random full cova
 cosine schedule (α = cos(πt/2), σ = sin(πt/2); ``--schedules cosine flow`` adds α = 1 − t, σ = t)
 with the exact denoiser x̂ = E[x | z_t]:
 
-* deterministic samplers (DDIM, PF-ODE Euler, EDM's Heun, DPM-Solver++(2M)) are compared with the
-  exact solution of the probability-flow ODE from the same noise: RMS (and median) over samples of
-  ‖x − x_ref‖/√D. The reference is DOP853 (Hairer, Nørsett & Wanner 1993; scipy ``solve_ivp``)
+* deterministic samplers (DDIM, PF-ODE Euler, EDM's Heun, DPM-Solver++(2M) and (3M), UniPC) are
+  compared with the exact solution of the probability-flow ODE from the same noise: RMS (and median)
+  over samples of ‖x − x_ref‖/√D. The reference is DOP853 (Hairer, Nørsett & Wanner 1993; scipy ``solve_ivp``)
   on dz/dt = α̇ x̂ + σ̇ ε̂ from the sampler's first grid point to t = 0, at rtol = atol = 1e-10; an
   8th-order adaptive solver on a smooth ODE makes the reference error negligible at a few hundred
   evaluations, where a fixed-step solver would need thousands. Its convergence is checked by
   solving again at 100 rtol (``reference gap``: the error of that coarser solve, so an upper
   estimate of the reference's own).
 * stochastic samplers (DDPM, DDIM η = 1, EDM with churn, Euler–Maruyama on the reverse SDE, the
-  blog's churn ½) are compared in law with exact samples by the energy distance
+  blog's churn ½, DPM-Solver++(2M) SDE) are compared in law with exact samples by the energy distance
   (Székely & Rizzo 2013), printed beside its null value (two independent exact sample sets).
+* where diffusers is installed (the ``bench`` extra), its schedulers run on the same oracle, noise and
+  grid (``peer_sample``: our σ̃ = σ/α grid written into the scheduler, its sample z̃ scaled to its
+  VP or VE convention), side by side with ours; for each method that exists on both sides the
+  largest difference between the two final samples is printed (float32 precision expected:
+  diffusers steps in float32). Its schedulers need a finite σ̃ at the first point, so they run on
+  ``uniform_t`` from t_max = 0.999 where our rows start at α = 0.
 
 Samplers are matched at equal NFE: Heun and EDM make 2N − 1 denoiser calls for N steps, so they
 run (NFE + 1) // 2 steps, and the table shows their true NFE in brackets. Writes
@@ -68,15 +74,26 @@ class Spec:
         return samplers.build(self.sampler, steps=self.steps(nfe), grid=self.grid, **self.options)
 
 
+NO_SHIFT, SHIFT2 = {"shift": 1.0}, {"shift": 2.0}
 DETERMINISTIC = (
     Spec("ddim", "uniform_t"),
+    Spec("ddim", "uniform_t", SHIFT2, "ddim shift 2"),
     Spec("ddim", "edm"),
     Spec("euler", "uniform_t"),
     Spec("euler", "edm"),
     Spec("heun", "edm"),
-    Spec("dpmpp_2m", "uniform_t"),
+    Spec("dpmpp_2m", "uniform_t", NO_SHIFT),
+    Spec("dpmpp_2m", "uniform_t", SHIFT2, "dpmpp_2m shift 2"),
     Spec("dpmpp_2m", "uniform_logsnr"),
     Spec("dpmpp_2m", "edm"),
+    Spec("dpmpp_3m", "uniform_t", SHIFT2, "dpmpp_3m shift 2"),
+    Spec("dpmpp_3m", "uniform_logsnr"),
+    Spec("dpmpp_3m", "uniform_logsnr", {"variant": "lu"}, "dpmpp_3m lu"),
+    Spec("unipc", "uniform_t", {"variant": "bh1", **NO_SHIFT}, "unipc-2 bh1"),
+    Spec("unipc", "uniform_t", SHIFT2, "unipc-2 bh2 shift 2"),
+    Spec("unipc", "uniform_t", {"order": 3, **SHIFT2}, "unipc-3 bh2 shift 2"),
+    Spec("unipc", "edm", {}, "unipc-2 bh2"),
+    Spec("unipc", "uniform_t", {"t_max": 0.999, **SHIFT2}, "unipc-2 bh2 shift 2 (t_max 0.999)"),
 )
 STOCHASTIC = (
     Spec("ddpm", "uniform_t"),
@@ -88,7 +105,139 @@ STOCHASTIC = (
     # The reverse SDE's g_t is infinite at t = 1 on the cosine schedule: start just below.
     Spec("sde", "uniform_t", {"t_max": 0.999}, "sde η=1 (t_max 0.999)"),
     Spec("churn", "uniform_t", {"churn": 0.5}, "churn 0.5"),
+    Spec("dpmpp_2m_sde", "uniform_t", SHIFT2, "dpmpp_2m_sde η=1 shift 2"),
+    Spec("dpmpp_2m_sde", "edm", {}, "dpmpp_2m_sde η=1"),
 )
+PEER_T_MAX = {"t_max": 0.999}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A diffusers scheduler row: the class, its options, our grid, and ``twin``, our spec of the same
+    method (None where we have none), run on the same grid for the agreement check."""
+
+    label: str
+    scheduler: str
+    config: dict[str, object]
+    grid: str
+    options: dict[str, float] = field(default_factory=dict)
+    twin: Spec | None = None
+
+    @property
+    def title(self) -> str:
+        return f"diffusers {self.label} / {self.grid}"
+
+    def steps(self, nfe: int) -> int:
+        return (nfe + 1) // 2 if self.scheduler == "HeunDiscreteScheduler" else nfe
+
+    def times(self, sched: schedules.Schedule, nfe: int) -> Tensor:
+        return samplers.time_grid(sched, self.steps(nfe), self.grid, **self.options)
+
+
+def _peers(grid: str, options: dict[str, float]) -> tuple[Peer, ...]:
+    """diffusers' schedulers for the deterministic table on one grid, each with its twin among ours."""
+    dpm, unipc = "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
+
+    def twin(name: str, **opts: object) -> Spec:
+        return Spec(name, grid, {**options, **opts})
+
+    return (
+        Peer("DDIM", "DDIMScheduler", {}, grid, options, twin("ddim")),
+        Peer("Euler", "EulerDiscreteScheduler", {}, grid, options, twin("ddim")),
+        Peer("Heun", "HeunDiscreteScheduler", {}, grid, options, twin("heun")),
+        Peer("DPM++ 2M", dpm, {"solver_order": 2}, grid, options, twin("dpmpp_2m")),
+        Peer("DPM++ 3M", dpm, {"solver_order": 3}, grid, options, twin("dpmpp_3m", variant="lu")),
+        *(
+            Peer(
+                f"UniPC-{p} {b}",
+                unipc,
+                {"solver_order": p, "solver_type": b},
+                grid,
+                options,
+                twin("unipc", order=p, variant=b),
+            )
+            for p, b in ((2, "bh1"), (2, "bh2"), (3, "bh1"), (3, "bh2"))
+        ),
+    )
+
+
+PEERS = (*_peers("uniform_t", {**PEER_T_MAX, **SHIFT2}), *_peers("edm", {}))
+PEER_SDE = (
+    Peer(
+        "DPM++ 2M SDE",
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
+        "edm",
+        {},
+        Spec("dpmpp_2m_sde", "edm", {}, "dpmpp_2m_sde η=1"),
+    ),
+)
+
+
+def diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def peer_sample(
+    peer: Peer,
+    denoise: samplers.Denoiser,
+    noise: Tensor,
+    sched: schedules.Schedule,
+    times: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """diffusers' ``peer.scheduler`` run on our grid ``times`` with our denoiser; returns z̃ at its end.
+
+    Its sigmas are our σ̃ = σ/α (Heun's interleaved as its ``set_timesteps`` does); its sample is
+    z̃ = z/α scaled to its convention: z̃/√(1 + σ̃²) for the VP schedulers (DPM-Solver, UniPC, DDIM; DDIM
+    reads ᾱ = 1/(1 + σ̃²) from ``alphas_cumprod`` at N training steps), z̃ for Euler and Heun. Each
+    call of the denoiser is at one of our grid points. The SDE's noise is the sequence our sampler
+    draws from ``generator`` (one draw per step before the last)."""
+    import diffusers
+
+    lv = samplers.Levels.on(sched, times, noise.dtype)
+    n = len(times) - 1
+    sig = lv.sigma / lv.alpha
+    heun, ddim = peer.scheduler == "HeunDiscreteScheduler", peer.scheduler == "DDIMScheduler"
+    if not torch.isfinite(sig[0]) or ((heun or ddim) and sig[-1] != 0):
+        raise ValueError(f"{peer.title}: the grid must start at a finite σ̃ (and end at σ̃ = 0 for DDIM, Heun)")
+    config = {"prediction_type": "sample", **peer.config}
+    if ddim:
+        config |= {"num_train_timesteps": n, "clip_sample": False, "set_alpha_to_one": True}
+    sch = getattr(diffusers, peer.scheduler)(**config)
+    sch.set_timesteps(n)
+    at = [0, *(i for i in range(1, n) for _ in range(2))] if heun else list(range(n))  # grid point per call
+    if ddim:
+        sch.alphas_cumprod = (1 / (1 + sig[:n] ** 2)).flip(0)
+    else:
+        sch.sigmas = sig[[*at, n]] if heun else sig.clone()
+        sch.set_begin_index(0)
+    vp = not heun and peer.scheduler != "EulerDiscreteScheduler"
+
+    def scale(s: Tensor) -> Tensor:
+        return 1 / torch.sqrt(1 + s**2) if vp else torch.ones_like(s)
+
+    sde = peer.config.get("algorithm_type") == "sde-dpmsolver++"
+    x = scale(sig[0]) * sig[0] * noise
+    for k, (step_t, i) in enumerate(zip(sch.timesteps, at, strict=True)):
+        if not vp:
+            sch.scale_model_input(x, step_t)  # the pipeline's call: here it only marks the step (z̃ is ours)
+        x_hat = denoise(lv.alpha[i] * x / scale(sig[i]), lv.t[i])
+        extra = {}
+        if sde:
+            last = k == n - 1
+            draw = (
+                torch.zeros_like(noise)
+                if last
+                else torch.randn(noise.shape, generator=generator, dtype=noise.dtype)
+            )
+            extra = {"variance_noise": draw}
+        x = sch.step(x_hat, step_t, x, **extra).prev_sample.to(noise.dtype)
+    return x / scale(sig[-1])
 
 
 def mixture_16d(seed: int = 0, dim: int = 16, components: int = 4) -> oracle.GaussianMixture:
@@ -183,25 +332,46 @@ def bench_deterministic(
     nfes: Sequence[int],
     specs: Sequence[Spec] = DETERMINISTIC,
     rtol: float = REFERENCE_RTOL,
+    peers: Sequence[Peer] = (),
 ) -> tuple[list[Row], float]:
-    """Each spec at each NFE against the reference from its first grid point: the RMS and the median
-    over samples of ``sample_errors``. Returns the rows and the largest difference between the
-    references at rtol and 100 rtol."""
+    """Each spec (then each diffusers ``peer``) at each NFE against the reference from its first grid
+    point: the RMS and the median over samples of ``sample_errors``; a peer with a twin also records
+    ``diff``, the largest |x_peer − x_twin| over samples and coordinates. Returns the rows and the
+    largest difference between the references at rtol and 100 rtol."""
     denoise = oracle_denoiser(gmm, sched)
     references: dict[float, Tensor] = {}
     gap = 0.0
+
+    def reference(t_start: float) -> Tensor:
+        nonlocal gap
+        if t_start not in references:
+            references[t_start] = reference_solution(gmm, sched, noise, t_start, rtol)
+            coarser = reference_solution(gmm, sched, noise, t_start, rtol * 100)
+            gap = max(gap, float((coarser - references[t_start]).abs().max()))
+        return references[t_start]
+
+    def errors(row: Row, nfe: int, true_nfe: int, x: Tensor, t_start: float, **extra: float) -> None:
+        e = sample_errors(x, reference(t_start))
+        row.add(nfe, true_nfe, rms=float(e.pow(2).mean().sqrt()), median=float(e.median()), **extra)
+
     rows = []
     for spec in specs:
         row = Row(spec.title)
         for nfe in nfes:
             sampler = spec.build(nfe)
-            t_start = float(sampler.times(sched)[0])
-            if t_start not in references:
-                references[t_start] = reference_solution(gmm, sched, noise, t_start, rtol)
-                coarser = reference_solution(gmm, sched, noise, t_start, rtol * 100)
-                gap = max(gap, float((coarser - references[t_start]).abs().max()))
-            errors = sample_errors(sampler(denoise, noise, sched), references[t_start])
-            row.add(nfe, sampler.nfe, rms=float(errors.pow(2).mean().sqrt()), median=float(errors.median()))
+            x = sampler(denoise, noise, sched)
+            errors(row, nfe, sampler.nfe, x, float(sampler.times(sched)[0]))
+        rows.append(row)
+    for peer in peers:
+        row = Row(peer.title)
+        for nfe in nfes:
+            times = peer.times(sched, nfe)
+            x = peer_sample(peer, denoise, noise, sched, times)
+            diff = {}
+            if peer.twin is not None:
+                diff["diff"] = float((x - peer.twin.build(nfe)(denoise, noise, sched)).abs().max())
+            true_nfe = 2 * len(times) - 3 if peer.scheduler == "HeunDiscreteScheduler" else len(times) - 1
+            errors(row, nfe, true_nfe, x, float(times[0]), **diff)
         rows.append(row)
     return rows, gap
 
@@ -213,9 +383,11 @@ def bench_stochastic(
     nfes: Sequence[int],
     specs: Sequence[Spec] = STOCHASTIC,
     seed: int = 0,
+    peers: Sequence[Peer] = (),
 ) -> tuple[list[Row], float]:
-    """Energy distance of each spec's samples to exact samples; returns the rows and the null
-    (the distance between two independent exact sample sets of the same size)."""
+    """Energy distance of each spec's (then each diffusers peer's) samples to exact samples, a peer's
+    twin run with the same noise for ``diff``; returns the rows and the null (the distance between
+    two independent exact sample sets of the same size)."""
     denoise = oracle_denoiser(gmm, sched)
     exact = gmm.sample(n, torch.Generator().manual_seed(seed))
     null = energy_distance(exact, gmm.sample(n, torch.Generator().manual_seed(seed + 1)))
@@ -229,6 +401,18 @@ def bench_stochastic(
             x = sampler(denoise, noise, sched, generator=g)
             row.add(nfe, sampler.nfe, energy=energy_distance(x, exact))
         rows.append(row)
+    for peer in peers:
+        row = Row(peer.title)
+        for nfe in nfes:
+            noise = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed + 2))
+            x = peer_sample(
+                peer, denoise, noise, sched, peer.times(sched, nfe), torch.Generator().manual_seed(seed + 3)
+            )
+            ours = peer.twin.build(nfe)(
+                denoise, noise, sched, generator=torch.Generator().manual_seed(seed + 3)
+            )
+            row.add(nfe, nfe, energy=energy_distance(x, exact), diff=float((x - ours).abs().max()))
+        rows.append(row)
     return rows, null
 
 
@@ -240,12 +424,19 @@ def bench_mixture(
     schedule: str = "cosine",
     rtol: float = REFERENCE_RTOL,
     seed: int = 0,
+    peers: bool = True,
 ) -> MixtureResult:
-    """Both benchmarks on one mixture with ``n`` samples under one schedule."""
+    """Both benchmarks on one mixture with ``n`` samples under one schedule, with diffusers' rows
+    where ``peers`` and diffusers is installed."""
     sched = schedules.build(schedule)
     noise = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed))
-    deterministic, gap = bench_deterministic(gmm, sched, noise, nfes, rtol=rtol)
-    stochastic, null = bench_stochastic(gmm, sched, n, nfes, seed=seed + 1)
+    with_peers = peers and diffusers_available()
+    deterministic, gap = bench_deterministic(
+        gmm, sched, noise, nfes, rtol=rtol, peers=PEERS if with_peers else ()
+    )
+    stochastic, null = bench_stochastic(
+        gmm, sched, n, nfes, seed=seed + 1, peers=PEER_SDE if with_peers else ()
+    )
     return MixtureResult(name, gmm.dim, n, schedule, deterministic, stochastic, rtol, gap, null)
 
 
@@ -297,6 +488,15 @@ def report(results: Sequence[MixtureResult], nfes: Sequence[int]) -> str:
             markdown_table(r.stochastic, nfes, "energy", r.null),
             "",
         ]
+        twins = [row for row in r.deterministic + r.stochastic if "diff" in row.values]
+        if twins:
+            parts += [
+                "Agreement: max |x_diffusers − x_ours| over samples and coordinates, ours the same method on "
+                "the same grid and noise (diffusers steps in float32).",
+                "",
+                markdown_table(twins, nfes, "diff"),
+                "",
+            ]
     if WINNER_NFE in nfes:
         for r in results:
             det, det_value = best(r.deterministic, "rms", WINNER_NFE)

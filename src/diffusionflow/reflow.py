@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusionflow.checkpoint import WEIGHTS, load_module
 from diffusionflow.core import samplers
-from diffusionflow.core.samplers import DDIM, DDPM, SDE, Churn, EDMSampler, Sampler, seeded_noise
+from diffusionflow.core.samplers import Sampler, seeded_noise
 from diffusionflow.errors import ConfigError
 from diffusionflow.metrics.generate import default_labels, generate
 
@@ -43,7 +43,10 @@ USAGE = (
     f"`python -m diffusionflow.train experiment=reflow_toy2d "
     f"{KEY}.parent_ckpt=<parent run>/checkpoints/last.ckpt`"
 )
-DETERMINISTIC = "ddim (eta=0), euler, heun, dpmpp_2m, edm (S_churn=0), sde (eta=0), churn (churn=0)"
+DETERMINISTIC = (
+    "ddim (eta=0), euler, heun, dpmpp_2m, dpmpp_3m, unipc, dpmpp_2m_sde (eta=0), edm (S_churn=0), "
+    "sde (eta=0), churn (churn=0)"
+)
 NOISE_RULE = "per-sample seeds seed+i, labels i mod num_classes"
 """Part of the cache key: pairs made before per-sample seeds (one generator, random labels) differ."""
 
@@ -51,16 +54,7 @@ NOISE_RULE = "per-sample seeds seed+i, labels i mod num_classes"
 def check_deterministic(sampler: Sampler, key: str) -> None:
     """A ``ConfigError`` when ``sampler`` draws fresh noise, so that its sample is not a function of its
     initial noise alone and (noise, sample) would not be a deterministic coupling."""
-    fresh = (
-        isinstance(sampler, DDPM)
-        or (isinstance(sampler, DDIM) and sampler.eta > 0)
-        or (isinstance(sampler, EDMSampler) and sampler.S_churn > 0)
-        or (
-            isinstance(sampler, SDE) and (sampler.eta if sampler.diffusion is None else sampler.diffusion) > 0
-        )
-        or (isinstance(sampler, Churn) and sampler.churn > 0)
-    )
-    if fresh:
+    if sampler.stochastic:
         raise ConfigError(
             f"{key}={sampler!r} draws fresh noise while sampling: reflow pairs need a deterministic "
             f"sampler; allowed: {DETERMINISTIC}"

@@ -299,3 +299,21 @@ def test_per_sample_generators_make_samples_independent_of_the_batch(gmm):
     assert torch.allclose(whole, parts, atol=1e-12)
     with pytest.raises(ValueError, match="2 generators for a batch of 6"):
         sampler(den, eps, sched, generator=gens([0, 1]))
+
+
+# ---- `stochastic` says whether a sampler draws fresh noise (reflow refuses those that do) -----------------
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [(name, {}) for name in samplers.SAMPLERS]
+    + [("ddim", {"eta": 0.5}), ("edm", {"S_churn": 2.0}), ("sde", {"eta": 0.0}), ("churn", {"churn": 0.0})]
+    + [("dpmpp_2m_sde", {"eta": 0.0})],
+)
+def test_stochastic_is_true_exactly_when_fresh_noise_changes_the_sample(gmm, name, options):
+    """Same initial noise, two generators for the fresh noise: the samples differ iff ``stochastic``."""
+    sched = schedules.build("cosine")
+    sampler = samplers.build(name, steps=6, t_max=0.98, **options)
+    runs = [
+        sampler(oracle_denoiser(gmm, sched), noise(16), sched, torch.Generator().manual_seed(seed))
+        for seed in (1, 2)
+    ]
+    assert sampler.stochastic == (not torch.equal(*runs)), sampler

@@ -129,6 +129,7 @@ def test_pairs_are_deterministic_and_cached(parent, tmp_path, monkeypatch):
         {"name": "edm", "steps": 8, "S_churn": 1.0},
         {"name": "sde", "steps": 8},
         {"name": "churn", "steps": 8},
+        {"name": "dpmpp_2m_sde", "steps": 8},
     ],
 )
 def test_stochastic_samplers_are_refused_before_any_work(sampler, tmp_path):

@@ -31,11 +31,14 @@ __all__ = [
     "SDE",
     "Churn",
     "DPMSolverPP2M",
+    "DPMSolverPP2MSDE",
+    "DPMSolverPP3M",
     "EDMSampler",
     "Euler",
     "Heun",
     "Levels",
     "Sampler",
+    "UniPC",
     "build",
     "eps_from_x",
     "pf_velocity",
@@ -207,6 +210,11 @@ class Sampler:
         self.nfe = counted.calls
         return z / lv.alpha[-1]
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler draws fresh noise (its sample is then not a function of the initial noise)."""
+        return False
+
     def __repr__(self) -> str:
         opts = {k: v for k, v in vars(self).items() if k not in ("nfe", "t_grid") and v is not None}
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in opts.items())})"
@@ -238,6 +246,10 @@ class DDIM(Sampler):
             raise ValueError(f"sampler ddim: eta={eta} must be in [0, 1]")
         self.eta = float(eta)
 
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         for i in range(len(lv.t) - 1):
             x_hat = denoise(z, lv.t[i])
@@ -256,6 +268,10 @@ class DDPM(Sampler):
     z_s = (α_t σ_s²)/(α_s σ_t²) z_t + α_s c x̂ + σ_s √c ξ."""
 
     name = "ddpm"
+
+    @property
+    def stochastic(self) -> bool:
+        return True
 
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         for i in range(len(lv.t) - 1):
@@ -306,6 +322,10 @@ class EDMSampler(Sampler):
             raise ValueError(f"sampler edm: S_churn={S_churn} and S_noise={S_noise} must be >= 0")
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = float(S_churn), S_tmin, S_tmax, float(S_noise)
 
+    @property
+    def stochastic(self) -> bool:
+        return self.S_churn > 0
+
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         """Alg. 2 in EDM's symbols: noise levels t_i = σ̃_i, states x_i = z̃_i, D(x; t) the x̂ there."""
         N = len(lv.t) - 1
@@ -355,24 +375,238 @@ class Heun(EDMSampler):
         super().__init__(steps, S_churn=0.0, grid=grid, **kwargs)
 
 
-class DPMSolverPP2M(Sampler):
-    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2; math.md §5), in the half log-SNR
-    h = (λ_s − λ_t)/2: z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D with D = (1 + 1/(2r)) x̂_i − x̂_{i−1}/(2r),
-    r = h_{i−1}/h_i; first order (= DDIM) on the first step and on the final step to σ = 0."""
+def _phi(k: int, h: Tensor) -> Tensor:
+    """φ_k(−h) (Hochbruck & Ostermann 2010): φ_1(x) = (e^x − 1)/x, φ_{k+1}(x) = (φ_k(x) − 1/k!)/x. With
+    them the exact step in the half log-SNR h (Lu et al. 2022, DPM-Solver++ Eq. 9, x̂ expanded in λ/2) is
+    z_s = (σ_s/σ_t) z_t + α_s Σ_k h^{k+1} φ_{k+1}(−h) x̂^{(k)}(λ_t/2)."""
+    phi = -torch.expm1(-h) / h
+    for j in range(1, k):
+        phi = (phi - 1 / math.factorial(j)) / -h
+    return phi
 
-    name = "dpmpp_2m"
+
+def _multistep_order(order: int, i: int, known: int, lv: Levels) -> int:
+    """The order of step i of an N-step multistep method: at most ``order``, at most the ``known`` data
+    predictions at finite λ (warm-up: 1, 2, …), first order on a step of infinite h (from α = 0 or to
+    σ = 0), and on a grid that ends at σ = 0 at most N − i (orders fall to 1 at the last step, as in
+    DPM-Solver's and UniPC's ``lower_order_final``; a grid that ends at σ > 0 keeps its order)."""
+    h = lv.logsnr[i + 1] - lv.logsnr[i]
+    if not torch.isfinite(h):
+        return 1
+    p = min(order, max(known, 1))
+    return min(p, len(lv.t) - 1 - i) if lv.sigma[-1] == 0 else p
+
+
+LOW_NFE_SHIFT = 2.0
+
+
+def _low_nfe_shift(grid: str, shift: float | None) -> float:
+    """The multistep solvers' default ``shift``: 2 on ``uniform_t``, 1 on the other grids. At NFE 5 and
+    10 on both oracle mixtures of ``scripts/bench_samplers.py`` (README, "Sampler accuracy"), uniform-t
+    shifted by 2 was the best grid, or within 10 % of it, for DPM-Solver++(2M), (3M) and UniPC, where
+    the EDM grid lost to DDIM at NFE ≤ 8."""
+    if shift is not None:
+        return shift
+    return LOW_NFE_SHIFT if grid == "uniform_t" else 1.0
+
+
+class DPMSolverPP2MSDE(Sampler):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, DPM-Solver++ §5 SDE form; k-diffusion ``sample_dpmpp_2m_sde``),
+    data prediction in the half log-SNR h = (λ_s − λ_t)/2, noise fraction η, H = (1 + η) h:
+    z_s = (σ_s/σ_t) e^{−ηh} z_t + α_s (1 − e^{−H}) x̂_i + α_s c_H D_1 + σ_s √(1 − e^{−2ηh}) ξ,
+    D_1 = (x̂_i − x̂_{i−1})/r, r = h_{i−1}/h, c_H = ½ (1 − e^{−H}) (``midpoint``) or H φ_2(−H) (``heun``).
+    η = 1 is the reverse SDE (its first-order step is the DDPM posterior step), η = 0 the
+    probability-flow ODE (DPM-Solver++(2M)). First order on the first step and on the final step to
+    σ = 0, which adds no noise and returns α_s x̂."""
+
+    name = "dpmpp_2m_sde"
+    SOLVER_TYPES = ("midpoint", "heun")
+
+    def __init__(
+        self,
+        steps: int = 18,
+        eta: float = 1.0,
+        solver_type: str = "midpoint",
+        grid: str = "uniform_t",
+        shift: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(steps, grid=grid, shift=_low_nfe_shift(grid, shift), **kwargs)
+        if eta < 0:
+            raise ValueError(f"sampler {self.name}: eta={eta} must be >= 0")
+        if solver_type not in self.SOLVER_TYPES:
+            allowed = list(self.SOLVER_TYPES)
+            raise ValueError(
+                f"sampler {self.name}: solver_type={solver_type!r} is unknown; allowed: {allowed}"
+            )
+        self.eta, self.solver_type = float(eta), solver_type
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
 
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         x_prev, h_prev = None, math.inf
         for i in range(len(lv.t) - 1):
             x_hat = denoise(z, lv.t[i])
+            a_s, s_s = lv.alpha[i + 1], lv.sigma[i + 1]
+            if s_s == 0:  # the final step to data: x̂, no noise
+                z = a_s * x_hat
+                continue
             h = 0.5 * (lv.logsnr[i + 1] - lv.logsnr[i])
-            d = x_hat
+            H = (1 + self.eta) * h
+            decay = torch.exp(-self.eta * h) if self.eta > 0 else 1.0  # e^{−ηh}; 1 at η = 0 even where h = ∞
+            z = (s_s / lv.sigma[i]) * decay * z - a_s * torch.expm1(-H) * x_hat
             if x_prev is not None and math.isfinite(h_prev) and torch.isfinite(h):
-                r = h_prev / h
-                d = (1 + 0.5 / r) * x_hat - (0.5 / r) * x_prev
-            z = (lv.sigma[i + 1] / lv.sigma[i]) * z - lv.alpha[i + 1] * torch.expm1(-h) * d
+                d1 = (x_hat - x_prev) * (h / h_prev)
+                c = -0.5 * torch.expm1(-H) if self.solver_type == "midpoint" else H * _phi(2, H)
+                z = z + a_s * c * d1
+            if self.eta > 0:
+                z = z + s_s * torch.sqrt(-torch.expm1(-2 * self.eta * h)) * noise()
             x_prev, h_prev = x_hat, float(h)
+        return z
+
+
+class DPMSolverPP2M(DPMSolverPP2MSDE):
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2; math.md §5): the η = 0 case of
+    ``dpmpp_2m_sde``, z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D with D = (1 + 1/(2r)) x̂_i − x̂_{i−1}/(2r),
+    r = h_{i−1}/h_i (``midpoint``); first order (= DDIM) on the first step and on the final step to σ = 0.
+    Default grid: uniform-t shifted by 2 (``_low_nfe_shift``)."""
+
+    name = "dpmpp_2m"
+
+    def __init__(self, steps: int = 18, solver_type: str = "midpoint", **kwargs) -> None:
+        super().__init__(steps, eta=0.0, solver_type=solver_type, **kwargs)
+
+
+class DPMSolverPP3M(Sampler):
+    """DPM-Solver++(3M), data prediction (Lu et al. 2022; the multistep third-order update of their code,
+    diffusers ``multistep_dpm_solver_third_order_update``), in the half log-SNR h = (λ_s − λ_t)/2 with
+    r_0 = h_{i−1}/h, r_1 = h_{i−2}/h, D_{1,0} = (x̂_i − x̂_{i−1})/r_0, D_{1,1} = (x̂_{i−1} − x̂_{i−2})/r_1:
+    D_1 = D_{1,0} + r_0 (D_{1,0} − D_{1,1})/(r_0 + r_1) ≈ h x̂′, D_2 = (D_{1,0} − D_{1,1})/(r_0 + r_1)
+    ≈ h²x̂″/2,
+    z_s = (σ_s/σ_t) z_t + α_s [h φ_1(−h) x̂_i + h φ_2(−h) D_1 + c_2 D_2] (``_phi``'s exact step, term by term).
+    ``variant="taylor"``: c_2 = 2h φ_3(−h), the exact step's coefficient, third order. ``variant="lu"``:
+    c_2 = h φ_3(−h) as in Lu et al.'s code, diffusers and k-diffusion (``sample_dpmpp_3m_sde``, η = 0),
+    whose x̂″ term is half the exact one, so it converges at second order. Orders by
+    ``_multistep_order``; the order-2 step is ``dpmpp_2m``'s."""
+
+    name = "dpmpp_3m"
+    VARIANTS = ("taylor", "lu")
+
+    def __init__(
+        self,
+        steps: int = 18,
+        variant: str = "taylor",
+        grid: str = "uniform_t",
+        shift: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(steps, grid=grid, shift=_low_nfe_shift(grid, shift), **kwargs)
+        if variant not in self.VARIANTS:
+            raise ValueError(
+                f"sampler {self.name}: variant={variant!r} is unknown; allowed: {list(self.VARIANTS)}"
+            )
+        self.variant = variant
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        xs: list[Tensor] = []  # x̂ at the grid points of finite λ, newest last
+        hs: list[Tensor] = []  # the steps between them
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            if torch.isfinite(lv.logsnr[i]):
+                xs, hs = [*xs[-2:], x_hat], [*hs[-1:], lv.logsnr[i] - lv.logsnr[i - 1]] if xs else []
+            h = 0.5 * (lv.logsnr[i + 1] - lv.logsnr[i])
+            p = _multistep_order(3, i, len(xs), lv)
+            d = -torch.expm1(-h) * x_hat  # h φ_1(−h) x̂_i
+            if p >= 2:
+                r0 = 0.5 * hs[-1] / h
+                d1_0 = (xs[-1] - xs[-2]) / r0
+                if p == 2:
+                    d = d + 0.5 * -torch.expm1(-h) * d1_0
+                else:
+                    r1 = 0.5 * hs[-2] / h
+                    d1_1 = (xs[-2] - xs[-3]) / r1
+                    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    c2 = (2 if self.variant == "taylor" else 1) * h * _phi(3, h)
+                    d = d + h * _phi(2, h) * d1 + c2 * d2
+            z = (lv.sigma[i + 1] / lv.sigma[i]) * z + lv.alpha[i + 1] * d
+        return z
+
+
+class UniPC(Sampler):
+    """UniPC (Zhao et al. 2023), data prediction, multistep, in the half log-SNR h = (λ_s − λ_t)/2.
+
+    Predictor UniP-p (Alg. 1 / Eq. 8 with x̂ for the model output): from the p − 1 previous points m,
+    r_m = (λ_m − λ_t)/(2h) and D_m = x̂_m − x̂_t,
+        z_s = (σ_s/σ_t) z_t + α_s h φ_1(−h) x̂_t + α_s B(h) Σ_m a_m D_m/r_m,
+    with a solving Σ_m a_m r_m^{k−1} = k! h φ_{k+1}(−h)/B(h), k = 1 … p − 1 (the order conditions of
+    Thm. 3.1: the sum matches Σ_k h^{k+1} φ_{k+1}(−h) x̂^{(k)} of the exact step up to O(h^{p+1})).
+    Corrector UniC-p (Eq. 7): the same update of the same step t → s, recomputed with one more point,
+    the model's x̂ at the predicted z_s (r = 1), and p conditions; order p + 1 (Thm. 3.2). That x̂_s is
+    the next step's x̂_t, so the corrector costs no evaluation: NFE = steps; no correction follows the
+    last step. A single difference uses a = ½ (UniP-2, UniC-1: the authors' choice, exact as h → 0).
+    ``variant``: B(h) = h (``bh1``) or 1 − e^{−h} (``bh2``), the paper's B(h) = h and e^h − 1 at the
+    data-prediction step −h with the update's sign. Orders by ``_multistep_order`` (warm-up at the start,
+    falling to 1 at the final step to σ = 0). Defaults: UniPC-2 with B₂ (at NFE 5 and 10 on the oracle
+    within 10 % of UniPC-3 and of B₁, which diverges on the EDM grid), uniform-t shifted by 2."""
+
+    name = "unipc"
+    VARIANTS = ("bh1", "bh2")
+
+    def __init__(
+        self,
+        steps: int = 18,
+        order: int = 2,
+        variant: str = "bh2",
+        corrector: bool = True,
+        grid: str = "uniform_t",
+        shift: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(steps, grid=grid, shift=_low_nfe_shift(grid, shift), **kwargs)
+        if order not in (1, 2, 3):
+            raise ValueError(f"sampler {self.name}: order={order} must be 1, 2 or 3")
+        if variant not in self.VARIANTS:
+            raise ValueError(
+                f"sampler {self.name}: variant={variant!r} is unknown; allowed: {list(self.VARIANTS)}"
+            )
+        self.order, self.variant, self.corrector = order, variant, bool(corrector)
+
+    def _update(
+        self, lv: Levels, i: int, z: Tensor, x_hat: Tensor, points: list[tuple[Tensor, Tensor]]
+    ) -> Tensor:
+        """z_s for the step i → i + 1 from z_t = ``z``, x̂_t and ``points`` (x̂_m, λ_m): UniP's or UniC's."""
+        h = 0.5 * (lv.logsnr[i + 1] - lv.logsnr[i])
+        z_s = (lv.sigma[i + 1] / lv.sigma[i]) * z - lv.alpha[i + 1] * torch.expm1(-h) * x_hat
+        if not points:
+            return z_s
+        B = h if self.variant == "bh1" else -torch.expm1(-h)
+        r = torch.stack([0.5 * (lam - lv.logsnr[i]) / h for _, lam in points])
+        if len(points) == 1:
+            a = torch.full_like(r, 0.5)
+        else:
+            orders = range(1, len(points) + 1)
+            b = torch.stack([math.factorial(k) * h * _phi(k + 1, h) / B for k in orders])
+            a = torch.linalg.solve(torch.stack([r ** (k - 1) for k in orders]), b)
+        d = sum(a_m * (x_m - x_hat) / r_m for a_m, r_m, (x_m, _) in zip(a, r, points, strict=True))
+        return z_s + lv.alpha[i + 1] * B * d
+
+    def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
+        known: list[tuple[Tensor, Tensor]] = []  # (x̂, λ) at the grid points of finite λ, newest last
+        last = None  # (z_t, x̂_t, previous points, step) of the last predictor, for the corrector
+        for i in range(len(lv.t) - 1):
+            x_hat = denoise(z, lv.t[i])
+            if self.corrector and last is not None:
+                z_t, x_t, prev, j = last  # UniC on step j = i − 1, with x̂ at its predicted end
+                z = self._update(lv, j, z_t, x_t, [*prev, (x_hat, lv.logsnr[i])])
+            if torch.isfinite(lv.logsnr[i]):
+                known = [*known, (x_hat, lv.logsnr[i])][-self.order :]
+            p = _multistep_order(self.order, i, len(known), lv)
+            prev = known[-p:-1]
+            last = (z, x_hat, prev, i) if torch.isfinite(lv.logsnr[i + 1] - lv.logsnr[i]) else None
+            z = self._update(lv, i, z, x_hat, prev)
         return z
 
 
@@ -390,6 +624,10 @@ class SDE(Sampler):
         if eta < 0 or (diffusion is not None and diffusion < 0):
             raise ValueError(f"sampler sde: eta={eta} and diffusion={diffusion} must be >= 0")
         self.eta, self.diffusion = float(eta), diffusion
+
+    @property
+    def stochastic(self) -> bool:
+        return (self.eta if self.diffusion is None else self.diffusion) > 0
 
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         for i in range(len(lv.t) - 1):
@@ -421,6 +659,10 @@ class Churn(Sampler):
             raise ValueError(f"sampler churn: churn={churn} must be in [0, 1)")
         self.churn = float(churn)
 
+    @property
+    def stochastic(self) -> bool:
+        return self.churn > 0
+
     def run(self, denoise: Denoiser, z: Tensor, lv: Levels, noise: Callable[[], Tensor]) -> Tensor:
         sched = lv.sched
         for i in range(len(lv.t) - 1):
@@ -440,6 +682,17 @@ class Churn(Sampler):
 
 
 SAMPLERS: Registry[Sampler] = Registry(
-    "sampler", DDIM, DDPM, Euler, Heun, EDMSampler, DPMSolverPP2M, SDE, Churn
+    "sampler",
+    DDIM,
+    DDPM,
+    Euler,
+    Heun,
+    EDMSampler,
+    DPMSolverPP2M,
+    DPMSolverPP2MSDE,
+    DPMSolverPP3M,
+    UniPC,
+    SDE,
+    Churn,
 )
 build = SAMPLERS.build
