@@ -15,12 +15,24 @@ values). The reference statistics are cached before timing, on each side its own
   the timed call only extracts input1 (the N images), keeping all N feature vectors in memory before
   ``np.cov``. DataLoader workers are off (``save_cpu_ram=True``), as our reader is in-process.
 
-Each (side, N) runs in a fresh subprocess (the two sides alternate going first), so its peak RSS
-(``ru_maxrss``) is its own; the time covers building the extractor, loading the reference
-statistics, reading and extracting the N images and the Fréchet distance. (Δ) is peak RSS minus
-RSS after the imports. At these N both peaks are set by the Inception forward pass on one
-batch (activations at 299 × 299), the same module on both sides; torch-fidelity's feature matrix
-(8 KB per image, plus np.cov's float64 copy) only shows at tens of thousands of images.
+Each (side, N) runs in a fresh subprocess, in ``--repeats`` interleaved rounds (the two sides
+alternate going first), so its peak RSS (``ru_maxrss``) is its own. The time covers building the
+extractor, loading the reference statistics, reading and extracting the N images and the Fréchet
+distance, split into stages (torch-fidelity's by timing its own functions in place):
+
+* build: the Inception module with its weights; reference: the cached statistics read back
+  (torch-fidelity's cache look-up is in "other");
+* decode: PNG → uint8 tensor (PIL; ours in-process, torch-fidelity's DataLoader without workers);
+* features: the Inception forward (uint8 → float, TF1-compatible bilinear resize to 299², the net);
+* stats: (μ, Σ) (ours float64 running sums, torch-fidelity ``np.cov`` of the kept features);
+* frechet: the distance, whose cost is Tr (Σ₁Σ₂)^{1/2} (ours a pivoted Cholesky factor and a
+  k × k ``eigvalsh``, torch-fidelity ``eigvals`` of the 2048² product); other: the rest.
+
+Ratios are medians over rounds of the per-round ratio ours/theirs; the stage seconds shown are each
+side's fastest round. Features are bit for bit the same on both sides (the tests check it). (Δ) is
+peak RSS minus RSS after the imports; both peaks are set by the Inception forward on one batch
+(activations at 299 × 299), the same module on both sides; torch-fidelity's feature matrix (8 KB per
+image, plus np.cov's float64 copy) only shows at tens of thousands of images.
 """
 
 from __future__ import annotations
@@ -33,8 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +69,7 @@ REF, QUICK_REF = 512, 128
 BATCH = 64
 REF_KEY = {"dataset": "bench-synthetic", "split": "ref", "resolution": 32}
 FIDELITY_REF_NAME = "bench-fid-ref"
+STAGES = ("build", "reference", "decode", "features", "stats", "frechet")
 
 
 def rss_mb() -> float:
@@ -68,6 +82,31 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Stages:
+    """Seconds per stage: ``timed(stage, fn)`` is ``fn`` with its calls' time counted under ``stage``;
+    time spent in a timed call nested inside another counts only under the inner one's stage."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._open: list[str] = []
+
+    def timed(self, stage: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            self._open.append(stage)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._open.pop()
+                took = time.perf_counter() - start
+                self.seconds[stage] += took
+                if self._open:
+                    self.seconds[self._open[-1]] -= took
+
+        return wrapper
 
 
 def fidelity_kwargs(args: argparse.Namespace) -> dict:
@@ -91,59 +130,60 @@ def reference_ours(args: argparse.Namespace, net: InceptionV3) -> FrechetStats:
     return reference_stats(ref_images, net, {**REF_KEY, "count": args.ref}, args.workdir / "ref_cache")
 
 
-def fid_ours(args: argparse.Namespace, generated: Path) -> float:
-    net = InceptionV3(args.weights)
-    ref = reference_ours(args, net)
+def fid_ours(args: argparse.Namespace, generated: Path, stages: Stages) -> float:
+    net = stages.timed("build", InceptionV3)(args.weights)
+    ref = stages.timed("reference", reference_ours)(args, net)
     stats = FrechetStats(net.feature_dim)
-    for batch in image_batches(generated, args.batch_size):
-        stats.update(net(batch))
-    return frechet_distance(*stats.mean_cov(), *ref.mean_cov())
+    extract, update = stages.timed("features", net), stages.timed("stats", stats.update)
+    read = stages.timed("decode", next)
+    batches = image_batches(generated, args.batch_size)
+    while (batch := read(batches, None)) is not None:
+        update(extract(batch))
+    moments = stages.timed("stats", stats.mean_cov)()
+    return stages.timed("frechet", frechet_distance)(*moments, *ref.mean_cov())
 
 
-def fid_theirs(args: argparse.Namespace, generated: Path) -> float:
+def fid_theirs(args: argparse.Namespace, generated: Path, stages: Stages) -> float:
+    """torch-fidelity's ``calculate_metrics``, its stages timed by wrapping, where they are looked up,
+    the functions its FID-only path (``fid_inputs_to_metric``) calls."""
     import torch_fidelity
+    from torch_fidelity import datasets, metric_fid, metrics, utils
 
-    metrics = torch_fidelity.calculate_metrics(input1=str(generated), **fidelity_kwargs(args))
-    return metrics["frechet_inception_distance"]
+    wrap = {
+        (metrics, "create_feature_extractor"): "build",
+        (datasets.ImagesPathDataset, "__getitem__"): "decode",
+        (utils, "get_featuresdict_from_dataset"): "features",
+        (metric_fid, "fid_features_to_statistics"): "stats",
+        (metric_fid, "fid_statistics_to_metric"): "frechet",
+    }
+    for (owner, name), stage in wrap.items():
+        setattr(owner, name, stages.timed(stage, getattr(owner, name)))
+    result = torch_fidelity.calculate_metrics(input1=str(generated), **fidelity_kwargs(args))
+    return result["frechet_inception_distance"]
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One timed run in this (fresh) process; prints a JSON line. ``np.linalg.eigvals`` (the
-    Tr √(Σ₁Σ₂) of both sides' Fréchet distance, same call on a 2048² product) is timed apart: on a
-    busy CPU its time varies by several × from run to run."""
+    """One timed run in this (fresh) process; prints a JSON line."""
     import torch_fidelity  # noqa: F401  (imported by both sides before the clock starts)
 
-    eig_seconds = 0.0
-    eigvals = np.linalg.eigvals
-
-    def timed_eigvals(a: np.ndarray) -> np.ndarray:
-        nonlocal eig_seconds
-        start = time.perf_counter()
-        try:
-            return eigvals(a)
-        finally:
-            eig_seconds += time.perf_counter() - start
-
-    np.linalg.eigvals = timed_eigvals
+    stages = Stages()
     fid_fn = {"ours": fid_ours, "theirs": fid_theirs}[args.worker]
     base = rss_mb()
     start = time.perf_counter()
-    fid = fid_fn(args, args.generated)
+    fid = fid_fn(args, args.generated, stages)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    result = {"seconds": seconds, "eig": eig_seconds, "fid": fid, "peak_mb": peak, "delta_mb": peak - base}
-    print(json.dumps(result))
+    result = {"seconds": seconds, **stages.seconds, "other": seconds - sum(stages.seconds.values())}
+    print(json.dumps({**result, "fid": fid, "peak_mb": peak, "delta_mb": peak - base}))
 
 
 def run_worker(args: argparse.Namespace, side: str, generated: Path) -> dict:
-    """The fastest of ``args.repeats`` fresh-process runs."""
+    """One run in a fresh process."""
     cmd = [sys.executable, __file__, "--worker", side, "--generated", str(generated)]
     cmd += ["--workdir", str(args.workdir), "--weights", str(args.weights)]
     cmd += ["--ref", str(args.ref), "--batch-size", str(args.batch_size)]
-    runs = [
-        subprocess.run(cmd, check=True, capture_output=True, text=True).stdout for _ in range(args.repeats)
-    ]
-    return min((json.loads(out.strip().splitlines()[-1]) for out in runs), key=lambda r: r["seconds"])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def prepare(args: argparse.Namespace) -> dict[int, Path]:
@@ -164,20 +204,42 @@ def prepare(args: argparse.Namespace) -> dict[int, Path]:
     return generated
 
 
-def table(rows: list[tuple[int, dict, dict]]) -> str:
+Rounds = list[tuple[dict, dict]]
+"""One (ours, theirs) pair of worker results per round."""
+
+
+def ratio(rounds: Rounds, of: Callable[[dict], float]) -> float:
+    """Median over rounds of ours/theirs of ``of(result)`` (nan where theirs is 0)."""
+    return float(np.median([of(o) / of(t) if of(t) > 0 else np.nan for o, t in rounds]))
+
+
+def tables(results: dict[int, Rounds]) -> str:
+    """Per N the stages side by side (each side's fastest round, the median per-round ratio), then a
+    summary row per N."""
+    lines = []
+    for n, rounds in results.items():
+        ours, theirs = (min((r[i] for r in rounds), key=lambda r: r["seconds"]) for i in (0, 1))
+        lines += [f"N = {n}, {len(rounds)} round(s)", "| stage | ours s | theirs s | ours/theirs |"]
+        lines.append("|---|---:|---:|---:|")
+        for key in (*STAGES, "other", "seconds"):
+            name = "**total**" if key == "seconds" else key
+            share = ratio(rounds, lambda r, key=key: r[key])
+            shown = "–" if np.isnan(share) else f"{share:.2f}"  # torch-fidelity's reference: in other
+            lines.append(f"| {name} | {ours[key]:.2f} | {theirs[key]:.2f} | {shown} |")
+        lines.append("")
     head = (
-        "| N | ours s (eigvals) | theirs s (eigvals) | time ours/theirs | same, without eigvals "
-        "| ours peak MB (Δ) | theirs peak MB (Δ) | peak ours/theirs | FID ours | FID theirs | rel. diff |"
+        "| N | time ours/theirs | features | all but frechet | ours peak MB (Δ) | theirs peak MB (Δ) "
+        "| FID ours | FID theirs | rel. diff |"
     )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for n, o, t in rows:
-        rest = (o["seconds"] - o["eig"]) / (t["seconds"] - t["eig"])
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for n, rounds in results.items():
+        o, t = rounds[-1]
+        total, features = ratio(rounds, lambda r: r["seconds"]), ratio(rounds, lambda r: r["features"])
+        rest = ratio(rounds, lambda r: r["seconds"] - r["frechet"])
         lines.append(
-            f"| {n} | {o['seconds']:.1f} ({o['eig']:.1f}) | {t['seconds']:.1f} ({t['eig']:.1f}) "
-            f"| {o['seconds'] / t['seconds']:.2f} | {rest:.2f} "
+            f"| {n} | {total:.2f} | {features:.2f} | {rest:.2f} "
             f"| {o['peak_mb']:.0f} ({o['delta_mb']:.0f}) | {t['peak_mb']:.0f} ({t['delta_mb']:.0f}) "
-            f"| {o['peak_mb'] / t['peak_mb']:.2f} | {o['fid']:.6g} | {t['fid']:.6g} "
-            f"| {abs(o['fid'] - t['fid']) / abs(t['fid']):.1e} |"
+            f"| {o['fid']:.6g} | {t['fid']:.6g} | {abs(o['fid'] - t['fid']) / abs(t['fid']):.1e} |"
         )
     return "\n".join(lines)
 
@@ -188,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--n", type=int, nargs="+", help=f"numbers of generated images (default {NS})")
     parser.add_argument("--ref", type=int, help=f"reference images (default {REF})")
     parser.add_argument("--batch-size", type=int, default=BATCH)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per (side, N); the fastest is shown")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of (ours, theirs) per N")
     parser.add_argument(
         "--workdir", type=Path, help="where images, weights and caches go (default: a temp dir)"
     )
@@ -208,13 +270,14 @@ def main(argv: Sequence[str] | None = None) -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}",
             flush=True,
         )
-        rows = []
-        for i, n in enumerate(args.n):
-            sides = ("ours", "theirs")[:: 1 if i % 2 == 0 else -1]  # alternate who runs first
-            runs = {side: run_worker(args, side, generated[n]) for side in sides}
-            rows.append((n, runs["ours"], runs["theirs"]))
-            print(f"N = {n} done", flush=True)
-    result = table(rows)
+        results: dict[int, Rounds] = {n: [] for n in args.n}
+        for r in range(args.repeats):
+            for i, n in enumerate(args.n):
+                sides = ("ours", "theirs")[:: 1 if (i + r) % 2 == 0 else -1]  # alternate who runs first
+                runs = {side: run_worker(args, side, generated[n]) for side in sides}
+                results[n].append((runs["ours"], runs["theirs"]))
+                print(f"round {r + 1}, N = {n} done", flush=True)
+    result = tables(results)
     print(result)
     return result
 

@@ -1,5 +1,6 @@
-"""Our FID / KID / IS against torch-fidelity's ``calculate_metrics`` on the same PNGs and weights, the
-offline weights error, and ``to_uint8``'s rounding.
+"""Our FID / KID / IS, and the Inception features themselves (bit for bit), against torch-fidelity's
+``calculate_metrics`` on the same PNGs and weights, the offline weights error, and ``to_uint8``'s
+rounding.
 
 Inception on CPU costs ~0.15 s per image, so both sides extract the two sets once (module fixtures)
 and every assertion reuses those numbers.
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+import torch_fidelity.utils as tf_utils
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
@@ -35,23 +38,41 @@ REL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def theirs(image_dirs: dict[str, Path], inception_weights: Path) -> dict[str, float]:
-    return torch_fidelity.calculate_metrics(
-        input1=str(image_dirs["a"]),
-        input2=str(image_dirs["b"]),
-        fid=True,
-        kid=True,
-        isc=True,
-        cuda=False,
-        feature_extractor_weights_path=str(inception_weights),
-        kid_subsets=KID_SUBSETS,
-        kid_subset_size=KID_SUBSET_SIZE,
-        isc_splits=ISC_SPLITS,
-        cache=False,
-        verbose=False,
-        datasets_download=False,
-        save_cpu_ram=True,
-    )
+def theirs_run(
+    image_dirs: dict[str, Path], inception_weights: Path
+) -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
+    """torch-fidelity's metrics, and the features its extractor gave for input1 and input2 (recorded
+    on the way, from the function that runs its extractor over a dataset)."""
+    features = []
+    extract = tf_utils.get_featuresdict_from_dataset
+
+    def recording(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        features.append(extract(*args, **kwargs))
+        return features[-1]
+
+    with mock.patch.object(tf_utils, "get_featuresdict_from_dataset", recording):
+        metrics = torch_fidelity.calculate_metrics(
+            input1=str(image_dirs["a"]),
+            input2=str(image_dirs["b"]),
+            fid=True,
+            kid=True,
+            isc=True,
+            cuda=False,
+            feature_extractor_weights_path=str(inception_weights),
+            kid_subsets=KID_SUBSETS,
+            kid_subset_size=KID_SUBSET_SIZE,
+            isc_splits=ISC_SPLITS,
+            cache=False,
+            verbose=False,
+            datasets_download=False,
+            save_cpu_ram=True,
+        )
+    return metrics, features
+
+
+@pytest.fixture(scope="module")
+def theirs(theirs_run: tuple[dict[str, float], list[dict[str, torch.Tensor]]]) -> dict[str, float]:
+    return theirs_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +89,18 @@ def ours(image_dirs: dict[str, Path], inception_weights: Path) -> dict[str, dict
             logits.append(l)
         out[name] = {"stats": stats, "features": torch.cat(feats), "logits": torch.cat(logits)}
     return out
+
+
+def test_features_equal_torch_fidelitys_bit_for_bit(ours: dict, theirs_run: tuple) -> None:
+    """Our extractor (weights memory-mapped into a module built on the meta device, our PNG reader)
+    against torch-fidelity's own pipeline (its constructor, ``ImagesPathDataset``, DataLoader), on the
+    same PNGs and He-normal random weights, at the same batch size (64)."""
+    _, features = theirs_run
+    assert len(features) == 2, "input1 and input2 each extracted once"
+    for name, tf_features in zip(("a", "b"), features, strict=True):
+        assert torch.equal(ours[name]["features"], tf_features["2048"])
+        assert torch.equal(ours[name]["logits"], tf_features["logits_unbiased"])
+    assert not torch.equal(features[0]["2048"][0], features[0]["2048"][1]), "not a degenerate extractor"
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -211,3 +244,14 @@ def test_to_uint8_rounds_like_edm() -> None:
     assert not torch.equal(to_uint8(r), ((r + 1) * 127.5).clip(0, 255).to(torch.uint8))
     r64 = r.double()
     assert np.array_equal(to_uint8(r64).numpy(), (r64 * 127.5 + 128).clip(0, 255).byte().numpy())
+
+
+def test_a_legacy_weights_file_loads_the_same_weights(inception_weights: Path, tmp_path: Path) -> None:
+    """The weights are memory-mapped; a file in torch's pre-1.6 (non-zip) format, which cannot be,
+    is read whole: the same tensors, assigned to the same layers."""
+    state = torch.load(inception_weights, weights_only=True)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    mapped, read = InceptionV3(inception_weights).net.state_dict(), InceptionV3(legacy).net.state_dict()
+    assert list(mapped) == list(read) == list(state)
+    assert all(torch.equal(mapped[k], read[k]) and torch.equal(read[k], state[k]) for k in state)

@@ -1,4 +1,5 @@
-"""FrechetStats and frechet_distance against a direct scipy computation (Heusel et al. 2017's formula)."""
+"""FrechetStats and frechet_distance against a direct scipy computation (Heusel et al. 2017's formula) and,
+for fewer images than dimensions, an exact low-rank form."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import scipy.linalg
 import torch
 
 from diffusionflow.metrics import FrechetStats, frechet_distance
+from diffusionflow.metrics.frechet import trace_sqrt_product
 
 N, D = 500, 64
 
@@ -48,6 +50,27 @@ def test_matches_scipy(xy: tuple[np.ndarray, np.ndarray]) -> None:
     assert expected > 1.0
     assert frechet_distance(mu_x, s_x, mu_y, s_y) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(mu_x, s_x, mu_x, s_x) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_fewer_images_than_dimensions() -> None:
+    """20 < d images give a covariance Σ₁ of rank 19: the trace term against the exact low-rank form
+    Tr (Σ₁Σ₂)^{1/2} = Σᵢ √λᵢ(B Σ₂ Bᵀ), Σ₁ = BᵀB with B = S V_rᵀ/√19 from the SVD of the centred features
+    (its 19 non-zero singular values: a full-rank 19 × 19 eigenproblem), against scipy's sqrtm, and
+    with the arguments swapped (Σ₁Σ₂ and Σ₂Σ₁ have the same eigenvalues; Σ₂ of 40 images has rank 39,
+    and the 39 × 39 inner matrix of rank 19 leaves √(rounding) noise)."""
+    rng = np.random.default_rng(5)
+    mix = rng.normal(size=(D, D)) / np.sqrt(D)
+    x, y = np.tanh(rng.normal(size=(20, D)) @ mix), np.tanh(0.2 + 1.3 * rng.normal(size=(40, D)) @ mix)
+    (mu_x, s_x), (mu_y, s_y) = stats_of(x).mean_cov(), stats_of(y).mean_cov()
+    _, sv, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    b = (sv[:19, None] * vt[:19]) / np.sqrt(19)
+    assert sv[19] < 1e-10 * sv[0], "centred: rank 19"
+    exact = np.sqrt(np.linalg.eigvalsh(b @ s_y @ b.T)).sum()
+    assert trace_sqrt_product(s_x, s_y) == pytest.approx(exact, rel=1e-12)
+    assert trace_sqrt_product(s_y, s_x) == pytest.approx(exact, rel=1e-7)
+    fid = frechet_distance(mu_x, s_x, mu_y, s_y)
+    assert fid == pytest.approx(direct_fid(x, y), rel=1e-6)
+    assert fid == pytest.approx(frechet_distance(mu_y, s_y, mu_x, s_x), rel=1e-7)
 
 
 def test_streaming_uneven_batches_equal_one_batch(xy: tuple[np.ndarray, np.ndarray]) -> None:

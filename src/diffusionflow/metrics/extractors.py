@@ -163,12 +163,23 @@ def prefetch_inception(dest: Path | None = None) -> Path:
     return PRETRAINED["inception"].prefetch(dest)
 
 
+def _read_state(path: Path) -> dict[str, Tensor]:
+    """The state dict of ``path``, memory-mapped (no copy of the file's bytes: the pages are read when the
+    network first uses them), or read whole from a legacy (pre-zip, torch < 1.6) file, which cannot be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap can only be used" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_state(net: nn.Module, path: Path, what: str) -> nn.Module:
     """``net`` (built on the meta device: nothing initialised) with the state dict of ``path`` assigned
     (strict: every parameter present, no extra ones)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_state(path)
     try:
-        net.load_state_dict(state, assign=True)
+        nn.Module.load_state_dict(net, state, assign=True)  # nn.Module's: subclasses may override it
     except RuntimeError as err:  # one line per wrong tensor: the first two are named
         problems = [textwrap.shorten(line, 160, placeholder=" …") for line in str(err).splitlines()[1:]]
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
@@ -237,11 +248,9 @@ class InceptionV3(TorchFidelityExtractor):
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
         self.weights_path = self.weights_file.resolve(weights_path)
-        self.net = _tf("feature_extractor_inceptionv3").FeatureExtractorInceptionV3(
-            name=self.name,
-            features_list=["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(self.weights_path),
-        )
+        with torch.device("meta"):  # no default init of 24 M parameters that the file overwrites
+            net = _unloaded_inception(["2048", "logits_unbiased"])
+        self.net = _load_state(net, self.weights_path, "torch-fidelity Inception-v3")
         self._freeze()
 
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -354,6 +363,19 @@ def _save(state: dict[str, Tensor], path: Path) -> Path:
     return path
 
 
+def _unloaded_inception(features: list[str]) -> nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (its layers and forward) with no state dict
+    loaded: its constructor's ``torch.load`` (``weights_only=False``) and download are bypassed."""
+    tf_inception = _tf("feature_extractor_inceptionv3")
+
+    class Unloaded(tf_inception.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict: object, strict: bool = True, assign: bool = False) -> None:
+            return None
+
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}):
+        return Unloaded(InceptionV3.name, features)
+
+
 def save_random_inception_weights(path: Path, seed: int = 0) -> Path:
     """Writes a random-init state dict for torch-fidelity's Inception-v3 (for offline tests and
     benchmarks: the real weights cannot be fetched there).
@@ -362,16 +384,7 @@ def save_random_inception_weights(path: Path, seed: int = 0) -> Path:
     the same features, so FID ≈ 0 for any two sets), hence conv weights are re-drawn He-normal,
     std √(2/fan_in) (He et al. 2015), and the fc weights N(0, 1/fan_in), from ``seed``; BatchNorm keeps
     its identity statistics."""
-    tf_inception = _tf("feature_extractor_inceptionv3")
-
-    class Unloaded(tf_inception.FeatureExtractorInceptionV3):
-        """torch-fidelity's module with its layers built and no state dict loaded."""
-
-        def load_state_dict(self, state_dict: object, strict: bool = True, assign: bool = False) -> None:
-            return None
-
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}):
-        net = Unloaded(InceptionV3.name, ["2048"])
+    net = _unloaded_inception(["2048"])
     return _save(_redraw_(net, seed, {nn.Conv2d: 2.0, nn.Linear: 1.0}).state_dict(), path)
 
 
