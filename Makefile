@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test test-fast lint wheel figures bench-samplers clean-logs
+.PHONY: train test test-fast lint wheel figures bench-samplers bench-gpu clean-logs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ figures: $(VENV)/.installed
 
 bench-samplers: $(VENV)/.installed
 	$(PY) scripts/bench_samplers.py --out logs/bench
+
+bench-gpu: $(VENV)/.installed  ## one CUDA GPU, a few minutes: training, host syncs, sampling, FID features
+	$(PY) scripts/bench_gpu.py --out logs/bench
 
 clean-logs:
 	rm -rf logs/*/ && touch logs/.gitkeep

@@ -13,8 +13,8 @@ Contenders, each training the same backbone from the same initial weights on the
   on every step beyond the loss (``self.log`` calls, the gradient norm, the per-λ-bin loss sums) is
   counted as Lightning's cost: the bare loop does none of it.
 * ``lightning + train.py extras``: the same with what ``train.py``'s default config adds per step:
-  the EMA callback (``conf/callbacks/ema.yaml``), a CSV logger and ``log_every_n_steps`` from
-  ``conf/trainer/default.yaml``.
+  the callbacks that act on every step (``conf/callbacks/``: the EMA, the finite guard and the
+  throughput log), a CSV logger and ``log_every_n_steps`` from ``conf/trainer/default.yaml``.
 
 The weighting is ``flow`` (train.py's default) with its canonical schedule, prediction and proposal,
 lr 1e-3, unconditional. Data are random tensors in memory, fed to both contenders through the same
@@ -225,13 +225,19 @@ class StepClock(Callback):
             self.run.losses.append(float(outputs["loss"]))
 
 
+PER_STEP_CALLBACKS = ("ema", "finite_guard", "throughput")
+"""The default callbacks (``conf/callbacks/default.yaml``) with work on every step; the others act at
+epoch ends (checkpoints), the end of training (final evaluation) or on a signal (interrupt)."""
+
+
 def train_py_extras(save_dir: str) -> dict[str, Any]:
-    """Trainer arguments ``train.py``'s default config adds per step: the EMA callback, a CSV logger
-    and its ``log_every_n_steps`` (read from ``conf/``; checkpoints are only saved at epoch ends)."""
-    ema = instantiate(OmegaConf.load(CONFIG_DIR / "callbacks" / "ema.yaml").ema)
+    """Trainer arguments ``train.py``'s default config adds per step: the ``PER_STEP_CALLBACKS``, a CSV
+    logger and its ``log_every_n_steps`` (read from ``conf/``; checkpoints are only saved at epoch ends)."""
+    folder = CONFIG_DIR / "callbacks"
+    callbacks = [instantiate(OmegaConf.load(folder / f"{name}.yaml")[name]) for name in PER_STEP_CALLBACKS]
     trainer_cfg = OmegaConf.load(CONFIG_DIR / "trainer" / "default.yaml")
     return {
-        "callbacks": [ema],
+        "callbacks": callbacks,
         "logger": CSVLogger(save_dir, name="csv", version=""),
         "log_every_n_steps": int(trainer_cfg.log_every_n_steps),
     }

@@ -181,3 +181,27 @@ def test_skip_policy_stops_after_max_skips_consecutive_steps(train_cfg, tmp_path
 def test_bad_settings_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         FiniteGuard(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ran"),
+    [
+        (["trainer.log_every_n_steps=4", "trainer.max_steps=12"], [0, 1, 2]),  # stopped at step 3's check
+        (["trainer.log_every_n_steps=25", "trainer.max_steps=4"], [0, 1, 2, 3]),  # at the end, before saving
+    ],
+)
+def test_stop_policy_stops_at_the_next_check_naming_the_first_non_finite_step(
+    train_cfg, tmp_path, overrides, ran
+):
+    """``stop`` looks at the device only on logging steps, before a checkpoint is saved and at an epoch's end:
+    a NaN gradient at step 1 stops the run there, named with its step and parameters, and no checkpoint,
+    sample or metric of the run is written."""
+    cfg = _with_injection(train_cfg(overrides), steps=[1])
+    with pytest.raises(NonFiniteError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "non-finite gradient of backbone." in message and "global step 1 (epoch 0)" in message, message
+    assert "batch λ (log-SNR) in [" in message and "loss" not in message.split(" at ")[0], message
+    assert [e["step"] for e in EVENTS] == ran
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "samples.png").exists()

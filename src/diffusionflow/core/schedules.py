@@ -143,12 +143,11 @@ class Schedule:
         t clamped to [δ, 1 − δ], δ = 2⁻³⁰ (exact in float64; the error is O(δ))."""
         t = _as_tensor(t)
         o = self._at(t)
-        if not (torch.isfinite(o.d_alpha).all() and torch.isfinite(o.d_sigma).all()):
-            inner = self._at(t.to(torch.float64).clamp(2.0**-30, 1 - 2.0**-30))
-            d_alpha = torch.where(torch.isfinite(o.d_alpha), o.d_alpha, inner.d_alpha.to(t.dtype))
-            d_sigma = torch.where(torch.isfinite(o.d_sigma), o.d_sigma, inner.d_sigma.to(t.dtype))
-            o = replace(o, d_alpha=d_alpha, d_sigma=d_sigma)
-        return o
+        # Both evaluated and selected elementwise: no test on the host (a device sync every training step).
+        inner = self._at(t.to(torch.float64).clamp(2.0**-30, 1 - 2.0**-30))
+        d_alpha = torch.where(torch.isfinite(o.d_alpha), o.d_alpha, inner.d_alpha.to(o.d_alpha.dtype))
+        d_sigma = torch.where(torch.isfinite(o.d_sigma), o.d_sigma, inner.d_sigma.to(o.d_sigma.dtype))
+        return replace(o, d_alpha=d_alpha, d_sigma=d_sigma)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return self(t).alpha

@@ -105,9 +105,10 @@ def warp(images: Tensor, matrix: Tensor, translation: Tensor, h: Tensor | None =
     """
     height, width = images.shape[2:]
     h = torch.tensor(SYM6, dtype=torch.float64) if h is None else h
-    h = h.to(images.device, images.dtype)
     taps = h.numel()
-    d = float((torch.arange(taps, dtype=h.dtype, device=h.device) * h).sum() / h.sum())  # centroid of h
+    h_host = h.detach().cpu().double()  # the filter's own values, not the batch's: no device sync on a GPU
+    d = float((torch.arange(taps, dtype=torch.float64) * h_host).sum() / h_host.sum())  # centroid of h
+    h = h.to(images.device, images.dtype)
     # Output 2× grid: sample f of each axis at (f − d)/2 output pixels, f < 2·size + taps − 2.
     fy = (torch.arange(2 * height + taps - 2, device=images.device, dtype=images.dtype) - d) / 2
     fx = (torch.arange(2 * width + taps - 2, device=images.device, dtype=images.dtype) - d) / 2

@@ -4,7 +4,10 @@ Lightning keeps the averaged weights in the checkpoint's ``state_dict`` and the 
 ``current_model_state``: validation and the end of training use the EMA weights, and resuming
 continues from the raw ones. We add EDM's parameterisation by a half-life in images (Karras et al.
 2022, App. F.2; ``training_loop.py``): per step β = 0.5^(B / h) with B the global batch, and the
-optional ramp-up h ← min(h, ramp · images seen).
+optional ramp-up h ← min(h, ramp · images seen). Each update is one ``torch._foreach_lerp_`` over the
+floating parameters and buffers (integer buffers are copied), with β computed on the host from a count
+of updates read off the device once a fit: no host-device synchronisation per step (Lightning's own
+path, ``AveragedModel.update_parameters``, reads its device counter twice an update).
 
 Other callbacks reach the two sets of weights through this module only, whatever the order of
 ``trainer.callbacks``:
@@ -20,13 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
-from diffusionflow.lightning.internals import averaged_model
+from diffusionflow.lightning.internals import averaged_model, averaging, latest_update_step
 
 __all__ = ["EMA", "averaged_model", "images_per_step", "raw_weights"]
 
@@ -51,10 +55,12 @@ class EMA(WeightAveraging):
             raise ValueError(f"ema.decay={decay} must be in [0, 1)")
         if update_every_n_steps < 1:
             raise ValueError(f"ema.update_every_n_steps={update_every_n_steps} must be >= 1")
-        super().__init__(use_buffers=True, avg_fn=self._average)
+        super().__init__(use_buffers=True)
         self.half_life_images, self.decay, self.rampup_ratio = half_life_images, decay, rampup_ratio
         self.update_every_n_steps = update_every_n_steps
         self.images_per_update = 1.0
+        self._updates_done = 0
+        """Host copy of the averaged model's update count (``n_averaged``), read off the device once a fit."""
         self.replaced_raw: dict[str, Tensor] | None = None
         """The raw weights that ``on_train_end`` replaced by the averaged ones (None before)."""
 
@@ -62,6 +68,9 @@ class EMA(WeightAveraging):
         super().setup(trainer, pl_module, stage)
         self.replaced_raw = None
         self.images_per_update = float(images_per_step(trainer, stage) * self.update_every_n_steps)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._updates_done = int(averaging(self).n_averaged)  # after a resume restored it: once a fit
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.replaced_raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -76,8 +85,38 @@ class EMA(WeightAveraging):
             half_life = min(half_life, self.rampup_ratio * updates_done * self.images_per_update)
         return 0.5 ** (self.images_per_update / max(half_life, 1e-8))
 
-    def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-        return torch.lerp(current, averaged, self.beta(int(num_averaged)))
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """``WeightAveraging``'s test of when to update, with :meth:`update` doing it in place of
+        ``AveragedModel.update_parameters``, which reads its device counter twice an update."""
+        step = trainer.global_step
+        if step > latest_update_step(self) and self.should_update(step_idx=step - 1):
+            self.update(pl_module)
+            latest_update_step(self, step)
+
+    @torch.no_grad()
+    def update(self, pl_module: LightningModule) -> None:
+        """ê ← w at the first update, then ê ← β ê + (1 − β) w with β of the updates done, over the
+        parameters and buffers: one ``_foreach_lerp_`` for the floating ones (integer buffers copied)."""
+        average = averaging(self)
+        pairs = list(
+            zip(
+                [*average.module.parameters(), *average.module.buffers()],
+                [*pl_module.parameters(), *pl_module.buffers()],
+                strict=True,
+            )
+        )
+        lerped = [(e, w) for e, w in pairs if e.is_floating_point() and self._updates_done > 0]
+        copied = [(e, w) for e, w in pairs if not (e.is_floating_point() and self._updates_done > 0)]
+        if lerped:
+            ema, weights = zip(*lerped, strict=True)
+            torch._foreach_lerp_(list(ema), list(weights), 1.0 - self.beta(self._updates_done))
+        if copied:
+            ema, weights = zip(*copied, strict=True)
+            torch._foreach_copy_(list(ema), list(weights))
+        average.n_averaged += 1  # on its device: no synchronisation
+        self._updates_done += 1
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0

@@ -13,8 +13,18 @@ from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["averaged_model", "cluster_environment", "hpc_save_path", "request_stop", "slurm_requeue"]
+__all__ = [
+    "averaged_model",
+    "averaging",
+    "cluster_environment",
+    "hpc_save_path",
+    "latest_update_step",
+    "logs_this_step",
+    "request_stop",
+    "slurm_requeue",
+]
 
 
 def _get(obj: Any, *names: str) -> Any:
@@ -29,15 +39,39 @@ def _get(obj: Any, *names: str) -> Any:
     return obj
 
 
-def averaged_model(callback: WeightAveraging) -> nn.Module:
-    """The averaged copy of the weights that ``callback`` maintains (the EMA model), unwrapped: a module
-    separate from the LightningModule, updated after each step (``_average_model.module``)."""
+def averaging(callback: WeightAveraging) -> AveragedModel:
+    """The ``AveragedModel`` that ``callback`` maintains (``_average_model``): ``.module`` the averaged copy,
+    ``.n_averaged`` the number of updates made (a tensor on its device, saved in checkpoints)."""
     average = _get(callback, "_average_model")
     if average is None:
         raise RuntimeError(
             f"{type(callback).__name__} has no averaged model yet: it is created in setup(stage='fit')"
         )
-    return _get(average, "module")
+    _get(average, "n_averaged")
+    return average
+
+
+def averaged_model(callback: WeightAveraging) -> nn.Module:
+    """The averaged copy of the weights that ``callback`` maintains (the EMA model), unwrapped: a module
+    separate from the LightningModule, updated after each step (``_average_model.module``)."""
+    return _get(averaging(callback), "module")
+
+
+def latest_update_step(callback: WeightAveraging, step: int | None = None) -> int:
+    """The global step of ``callback``'s last update (``_latest_update_step``, in its checkpoint state);
+    set to ``step`` when given."""
+    if step is not None:
+        _get(callback, "_latest_update_step")
+        callback._latest_update_step = step
+    return _get(callback, "_latest_update_step")
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the metrics logged in the current training step reach the loggers (every
+    ``trainer.log_every_n_steps`` optimizer steps, and when the run stops): Lightning's own test, right
+    from ``on_train_batch_start`` to ``on_train_batch_end``, under gradient accumulation and after a
+    mid-epoch resume too (``_logger_connector.should_update_logs``, as its ``LearningRateMonitor`` uses)."""
+    return bool(_get(trainer, "_logger_connector", "should_update_logs"))
 
 
 def request_stop(trainer: pl.Trainer) -> None:

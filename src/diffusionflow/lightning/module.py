@@ -5,6 +5,13 @@ noise, and a resumed run draws exactly what the uninterrupted run would have (Li
 restore the global RNG). The loss per λ bin (ε-MSE and weighted loss) is accumulated over each epoch,
 summed over ranks and logged as ``train_bins/{eps_mse,loss}_<lo>_<hi>``: the curve a weighting
 comparison is about.
+
+Nothing in a training step waits for the device (no ``.item()``, ``.cpu()`` or host copy): the λ-bin
+sums stay on the device until the epoch ends, the gradient norm and learning rate are computed only on
+the steps whose metrics reach the loggers (``trainer.log_every_n_steps``), the progress bar gets a host
+copy of the loss on those steps only (it converts its values at every refresh), and the noise levels
+drawn on the host go to the device without a blocking copy. Exception: the ``adaptive`` proposal, whose
+density is updated on the host from every step's statistics (one synchronisation per step).
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 
 from diffusionflow.core.objective import Objective
@@ -26,6 +32,7 @@ from diffusionflow.core.samplers import Sampler
 from diffusionflow.core.schedules import Schedule
 from diffusionflow.core.weightings import Weighting
 from diffusionflow.data.augment import AugmentPipe
+from diffusionflow.lightning.internals import logs_this_step
 
 __all__ = ["DiffusionModule", "step_seed"]
 
@@ -95,6 +102,7 @@ class DiffusionModule(LightningModule):
         self.bin_edges = torch.linspace(*loss_bin_range, loss_bins + 1, dtype=torch.float64)
         self._bin_sums = torch.zeros(2, loss_bins, dtype=torch.float64)
         self._bin_counts = torch.zeros(loss_bins, dtype=torch.float64)
+        self._bin_edges_here = self.bin_edges  # bin_edges on the device of the sums
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -124,7 +132,7 @@ class DiffusionModule(LightningModule):
         if self.num_classes == 0:
             return None
         drop = torch.rand(y.shape, generator=g, device=g.device) < self.label_dropout
-        return torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
+        return torch.where(drop.to(y.device, non_blocking=True), torch.full_like(y, self.num_classes), y)
 
     def _loss(self, x: Tensor, y: Tensor, stream: int, eps: Tensor | None = None) -> Any:
         """The objective at λ ~ p and ε drawn for this step, or the batch's paired ``eps`` (reflow)."""
@@ -138,7 +146,7 @@ class DiffusionModule(LightningModule):
             net = partial(net, augment_labels=augment_labels)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        logsnr = self.proposal.sample(x.shape[0], cpu, device=x.device).to(x.dtype)
+        logsnr = self.proposal.sample(x.shape[0], cpu).to(x.device, x.dtype, non_blocking=True)
         if eps is None:
             eps = torch.randn(x.shape, generator=dev, device=x.device, dtype=x.dtype)
         return self.objective(net, x, logsnr=logsnr, eps=eps)
@@ -149,7 +157,9 @@ class DiffusionModule(LightningModule):
         res = self._loss(x, y, stream=0, eps=paired[0] if paired else None)
         loss = res.loss.mean()
         self.last_loss, self.last_logsnr = loss.detach(), res.logsnr.detach()  # read by FiniteGuard
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        if logs_this_step(self.trainer):  # the progress bar reads its values at every refresh: a host copy
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self._accumulate_bins(res.logsnr, res.eps_mse, res.loss)
         if isinstance(self.proposal, Adaptive):
             sums, counts = self.proposal.bin_statistics(res.logsnr, res.eps_mse)
@@ -172,16 +182,18 @@ class DiffusionModule(LightningModule):
         self.log("val/loss", res.loss.mean(), sync_dist=True, batch_size=x.shape[0])
 
     def _accumulate_bins(self, logsnr: Tensor, eps_mse: Tensor, loss: Tensor) -> None:
-        i = (torch.searchsorted(self.bin_edges, logsnr.detach().double().cpu(), right=True) - 1).clamp(
-            0, len(self.bin_edges) - 2
-        )
-        vals = torch.stack([eps_mse.detach(), loss.detach()]).double().cpu()
-        self._bin_sums.index_add_(1, i, vals)
+        """Adds the batch's ε-MSE and loss to the sums of their λ bins, on the device (no host copy)."""
+        if (device := logsnr.device) != self._bin_sums.device:  # once: the sums live where training runs
+            self._bin_sums, self._bin_counts = self._bin_sums.to(device), self._bin_counts.to(device)
+            self._bin_edges_here = self.bin_edges.to(device)
+        edges = self._bin_edges_here
+        i = (torch.searchsorted(edges, logsnr.detach().double(), right=True) - 1).clamp(0, len(edges) - 2)
+        self._bin_sums.index_add_(1, i, torch.stack([eps_mse.detach(), loss.detach()]).double())
         self._bin_counts.index_add_(0, i, torch.ones_like(i, dtype=torch.float64))
 
     def on_train_epoch_end(self) -> None:
         packed = torch.cat([self._bin_sums.flatten(), self._bin_counts]).to(self.device)
-        packed = self.trainer.strategy.reduce(packed, reduce_op="sum").double().cpu()
+        packed = self.trainer.strategy.reduce(packed, reduce_op="sum").double().cpu()  # once an epoch
         k = len(self._bin_counts)
         sums, counts = packed[: 2 * k].reshape(2, k), packed[2 * k :]
         for j in range(k):
@@ -197,9 +209,13 @@ class DiffusionModule(LightningModule):
         self._bin_counts.zero_()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.backbone, norm_type=2)
-        if norms:  # none when FiniteGuard skipped the step (every gradient None)
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        """The gradient's 2-norm and the learning rate, on the steps whose metrics are written only."""
+        if not logs_this_step(self.trainer):
+            return
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        if grads:  # none when FiniteGuard skipped the step (every gradient None)
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     # ---- sampling -------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ It runs beside ``callbacks.ema`` (the half-life EMA that sampling and evaluation
 independent of it. After every optimizer step each profile k is updated,
 θ̂_k ← β θ̂_k + (1 − β) θ with β = (1 − Δt/t)^{γ_k+1}, t counting training images and Δt the global batch
 (:func:`~diffusionflow.lightning.ema.images_per_step`), so θ̂_k is the power-function average of the
-weights up to t exactly. Every ``snapshot_every_n_steps`` optimizer steps and when training ends, global
-rank 0 writes each profile to ``<run_dir>/ema_snapshots/ema-<step:08d>-<sigma_rel>.pt`` (``run_dir`` is
+weights up to t exactly (one ``torch._foreach_lerp_`` per profile, no host-device synchronisation).
+Every ``snapshot_every_n_steps`` optimizer steps and when training ends, global rank 0 writes each
+profile to ``<run_dir>/ema_snapshots/ema-<step:08d>-<sigma_rel>.pt`` (``run_dir`` is
 ``trainer.default_root_dir``, the folder of ``checkpoints/``), atomically: a dict of plain tensors and
 numbers, ``{"state_dict", "t_images", "gamma", "sigma_rel", "step"}``, read with
 ``torch.load(weights_only=True)``. Floating tensors are averaged, others (integer buffers) copied. As for
@@ -128,9 +129,9 @@ class PostHocEMA(Callback):
         self.step, self.t_images = step, self.t_images + dt
         current = pl_module.state_dict()
         for average, gamma in zip(self.averages, self.gammas, strict=True):
-            weight = 1.0 - beta(self.t_images, dt, gamma)
-            for name, value in average.items():
-                value.lerp_(current[name].to(value.dtype), weight)
+            values = list(average.values())
+            sources = [current[name].to(value.dtype) for name, value in average.items()]
+            torch._foreach_lerp_(values, sources, 1.0 - beta(self.t_images, dt, gamma))
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Each profile's snapshot at the current step (global rank 0)."""
