@@ -289,17 +289,7 @@ class Training:
 def diffusion_module(backbone: nn.Module, comps: Components) -> DiffusionModule:
     """``DiffusionModule`` as ``bench_train`` builds it, with channels_last inputs (the backbone is
     converted beforehand)."""
-    return DiffusionModule(
-        backbone=backbone,
-        schedule=comps.schedule,
-        prediction=comps.prediction,
-        weighting=comps.weighting,
-        proposal=comps.proposal,
-        sampler=comps.sampler,
-        optimizer=partial(torch.optim.Adam, lr=LR),
-        seed=SEED,
-        channels_last=True,
-    )
+    return bench_train.diffusion_module(backbone, comps, channels_last=True)
 
 
 def run_bare(

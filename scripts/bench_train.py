@@ -243,6 +243,23 @@ def train_py_extras(save_dir: str) -> dict[str, Any]:
     }
 
 
+def diffusion_module(
+    backbone: nn.Module, comps: Components, seed: int = SEED, **options: Any
+) -> DiffusionModule:
+    """``DiffusionModule`` with the bench's components, Adam at ``LR``, and ``options``."""
+    return DiffusionModule(
+        backbone=backbone,
+        schedule=comps.schedule,
+        prediction=comps.prediction,
+        weighting=comps.weighting,
+        proposal=comps.proposal,
+        sampler=comps.sampler,
+        optimizer=partial(torch.optim.Adam, lr=LR),
+        seed=seed,
+        **options,
+    )
+
+
 def run_lightning(
     backbone: nn.Module,
     comps: Components,
@@ -253,16 +270,7 @@ def run_lightning(
     seed: int = SEED,
 ) -> Run:
     """``DiffusionModule`` under a Trainer; ``extras``: with what ``train.py`` adds (see above)."""
-    module = DiffusionModule(
-        backbone=backbone,
-        schedule=comps.schedule,
-        prediction=comps.prediction,
-        weighting=comps.weighting,
-        proposal=comps.proposal,
-        sampler=comps.sampler,
-        optimizer=partial(torch.optim.Adam, lr=LR),
-        seed=seed,
-    )
+    module = diffusion_module(backbone, comps, seed=seed)
     run = Run()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", PossibleUserWarning)  # "does not have many workers"
