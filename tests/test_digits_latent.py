@@ -147,9 +147,18 @@ def test_digits_latent_end_to_end(vae, cache_dir, tmp_path, monkeypatch):
 def test_other_vae_config_is_refused_before_any_work(tmp_path):
     """Digits latents with data.vae.config of another autoencoder: a ConfigError naming the key, before the
     VAE is trained, anything is encoded or a step is taken."""
-    weights = tmp_path / "never-written.pt"
+    weights = tmp_path / "never-written.pt"  # the digits VAE's: trained there if the refusal came late
+    sd_weights = tmp_path / "sd-vae-ft-ema.safetensors"  # present, so validation passes to the data check
+    sd_weights.touch()
     cfg = compose_train(
-        ["experiment=digits_latent", "data.vae.config=sd-vae-ft-ema", f"data.vae.weights_path={weights}"],
+        [
+            *(
+                "experiment=digits_latent",
+                "data.vae.config=sd-vae-ft-ema",
+                f"data.vae.weights_path={sd_weights}",
+            ),
+            *(f"data.{split}_dataset.weights_path={weights}" for split in ("train", "val")),
+        ],
         tmp_path,
     )
     try:

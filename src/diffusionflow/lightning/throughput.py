@@ -37,7 +37,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusionflow.lightning.internals import logs_this_step
 
-__all__ = ["TrainingThroughput", "training_flops_per_image"]
+__all__ = ["WALL_CLOCK_KEYS", "TrainingThroughput", "training_flops_per_image"]
+
+WALL_CLOCK_KEYS = (
+    "train/images_per_sec",
+    "train/step_time_ms/",
+    "train/data_time_ms/",
+    "train/mfu",
+    "images/s",
+)
+"""The metrics this callback logs (prefixes): wall-clock measurements, which differ between identical runs."""
 
 log = logging.getLogger(__name__)
 
