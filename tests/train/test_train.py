@@ -35,7 +35,8 @@ def test_default_run_writes_everything(train_cfg, tmp_path):
 @pytest.mark.parametrize(
     "experiment", [e for e in EXPERIMENTS if not any(d in e for d in NEEDS_DATA | NEEDS_PARENT)]
 )
-def test_experiments_fast_dev_run(train_cfg, experiment):
+def test_experiments_fast_dev_run(train_cfg, experiment, cache_dir, monkeypatch):
+    monkeypatch.setenv("DIFFUSIONFLOW_CACHE", str(cache_dir))  # the session's digits nets, trained once
     cfg = train_cfg([f"experiment={experiment}", "debug=fdr", "hydra.mode=RUN"])
     train(cfg)
 
