@@ -71,6 +71,8 @@ def test_sigterm_mid_training_exits_143_with_checkpoint_marker_and_resumes(tmp_p
     step = ckpt["global_step"]
     assert step == marker["global_step"] >= 1
     assert "current_model_state" in ckpt and ckpt["state_dict"]  # raw weights beside the EMA ones
+    assert ckpt["optimizer_states"] and ckpt["loops"], "the whole training state, asked for explicitly"
+    assert "`weights_only` was not set" not in out, "Lightning's note on a save that did not say which"
     assert not (run / "run.lock").exists()  # released on the way out
     assert not (run / "metrics.json").exists()  # the final evaluation did not run
 

@@ -340,7 +340,8 @@ class InterruptCheckpoint(Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         signum = STATE.signum if STATE.signum is not None else int(signal.SIGTERM)
-        trainer.save_checkpoint(self.ckpt_path)  # every rank: the strategy gathers and rank 0 writes
+        # every rank: the strategy gathers and rank 0 writes; the full state (optimizer, loops, callbacks)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         if not trainer.is_global_zero:
             return
         env = cluster_environment(trainer)
