@@ -73,7 +73,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -337,24 +336,9 @@ def run_lightning(
     ``train.py`` adds (``bench_train.train_py_extras``). Returns the first step's loss."""
     module = diffusion_module(backbone, comps)
     timer = ClockCallback(clock)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", PossibleUserWarning)  # "does not have many workers"
-        warnings.filterwarnings("ignore", message=".*LeafSpec")  # lightning 2.6's pytree on torch 2.14
-        options = bench_train.train_py_extras(tmp) if extras else {"callbacks": [], "logger": False}
-        compiling = [] if backend is None else [CompileBackbone(backend)]
-        trainer = Trainer(
-            accelerator=clock.device.type,
-            devices=1,
-            precision=PRECISION,
-            max_steps=cfg.train_setup().total_steps,
-            max_epochs=-1,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
-            **{**options, "callbacks": [*options["callbacks"], *compiling, timer]},
-        )
+    compiling = [] if backend is None else [CompileBackbone(backend)]
+    callbacks, steps = [*compiling, timer], cfg.train_setup().total_steps
+    with bench_train.bench_trainer(extras, callbacks, steps, clock.device.type, PRECISION) as trainer:
         try:
             trainer.fit(module, train_dataloaders=bench_train.loader(data, cfg.batch))
         finally:  # the clock's warning filters nest inside the ones set here

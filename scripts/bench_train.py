@@ -40,7 +40,8 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,36 @@ def diffusion_module(
     )
 
 
+@contextmanager
+def bench_trainer(
+    extras: bool,
+    callbacks: list[Callback],
+    max_steps: int,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> Iterator[Trainer]:
+    """A Trainer set up for a fair measurement (no checkpointing, progress bar, model summary or sanity
+    check), writing to a temporary folder; ``extras``: with what ``train.py`` adds (:func:`train_py_extras`),
+    whose callbacks come before ``callbacks``; without: no logger."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", PossibleUserWarning)  # "does not have many workers"
+        warnings.filterwarnings("ignore", message=".*LeafSpec")  # lightning 2.6's pytree on torch 2.14
+        options = train_py_extras(tmp) if extras else {"callbacks": [], "logger": False}
+        yield Trainer(
+            accelerator=accelerator,
+            devices=1,
+            precision=precision,
+            max_steps=max_steps,
+            max_epochs=-1,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+            **{**options, "callbacks": [*options["callbacks"], *callbacks]},
+        )
+
+
 def run_lightning(
     backbone: nn.Module,
     comps: Components,
@@ -272,23 +303,7 @@ def run_lightning(
     """``DiffusionModule`` under a Trainer; ``extras``: with what ``train.py`` adds (see above)."""
     module = diffusion_module(backbone, comps, seed=seed)
     run = Run()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", PossibleUserWarning)  # "does not have many workers"
-        warnings.filterwarnings("ignore", message=".*LeafSpec")  # lightning 2.6's pytree on torch 2.14
-        options = train_py_extras(tmp) if extras else {"callbacks": [], "logger": False}
-        trainer = Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            max_steps=setup.total_steps,
-            max_epochs=-1,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
-            **{**options, "callbacks": [StepClock(setup, run, record), *options["callbacks"]]},
-        )
+    with bench_trainer(extras, [StepClock(setup, run, record)], setup.total_steps) as trainer:
         trainer.fit(module, train_dataloaders=loader(data, setup.batch))
     return run
 

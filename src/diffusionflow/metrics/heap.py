@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 
@@ -38,7 +38,7 @@ USER_SETTINGS = (
 )
 
 
-def glibc_malloc(environ: dict[str, str] | os._Environ = os.environ) -> ctypes.CDLL | None:
+def glibc_malloc(environ: Mapping[str, str] = os.environ) -> ctypes.CDLL | None:
     """The process's C library if its malloc is glibc's and left to us, else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
